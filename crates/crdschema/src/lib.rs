@@ -1,0 +1,1 @@
+//! Kubernetes structural-schema validation, defaulting and CEL rules, without an API server.

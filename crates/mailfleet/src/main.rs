@@ -1,0 +1,92 @@
+//! `mailfleet`: the one binary of the project. Each subcommand is thin wiring around a library
+//! crate: `crdgen` (crates/api), and later `operator`, `relay` and `dev`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mailfleet",
+    version,
+    about = "Outbound SMTP relay fleet operator for Kubernetes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write the CustomResourceDefinitions of RelayPool, SendingDomain and WarmupPlan.
+    Crdgen {
+        /// Directory to write `<name>.yaml` files into.
+        #[arg(long, default_value = "crds")]
+        out: PathBuf,
+        /// Do not write: exit non-zero if the files in --out differ from the code.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run the whole fleet on this machine (devcluster, operator, relays, DNS, sink, traffic).
+    Dev,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Crdgen { out, check } => crdgen(&out, check),
+        Command::Dev => {
+            bail!(
+                "`mailfleet dev` is not available yet: it arrives with the devcluster, operator \
+                 and relay (issues #3-#8). Today you can run `mailfleet crdgen` and apply crds/ \
+                 and examples/ to a cluster."
+            )
+        }
+    }
+}
+
+fn crdgen(out: &Path, check: bool) -> Result<()> {
+    let manifests = mailfleet_api::crd_manifests()?;
+    if check {
+        let mut stale = Vec::new();
+        for (file, text) in &manifests {
+            let path = out.join(file);
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            if current != *text {
+                stale.push(path.display().to_string());
+            }
+        }
+        if !stale.is_empty() {
+            bail!(
+                "CRD manifests differ from the code: {}; run `mailfleet crdgen --out {}`",
+                stale.join(", "),
+                out.display()
+            );
+        }
+        println!(
+            "{} CRD manifests in {} match the code",
+            manifests.len(),
+            out.display()
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("failed to create {}", out.display()))?;
+    for (file, text) in &manifests {
+        let path = out.join(file);
+        std::fs::write(&path, text)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! The operator: controllers for the three custom resources and the coordinator service.
