@@ -350,10 +350,8 @@ fn default_node(node: &Node, value: &mut Value) {
                     Some(Value::Null) => !child.nullable,
                     Some(_) => false,
                 };
-                if missing {
-                    if let Some(d) = &child.default {
-                        map.insert(key.clone(), d.clone());
-                    }
+                if missing && let Some(d) = &child.default {
+                    map.insert(key.clone(), d.clone());
                 }
                 if let Some(v) = map.get_mut(key) {
                     default_node(child, v);
@@ -391,10 +389,11 @@ fn prune_node(node: &Node, value: &mut Value, is_root: bool) {
             let keep_meta = is_root || node.embedded;
             let keys: Vec<String> = map.keys().cloned().collect();
             for key in keys {
-                if keep_meta && (key == "apiVersion" || key == "kind" || key == "metadata") {
-                    if key != "metadata" || is_root || node.properties.get("metadata").is_none() {
-                        continue;
-                    }
+                if keep_meta
+                    && (key == "apiVersion" || key == "kind" || key == "metadata")
+                    && (key != "metadata" || is_root || !node.properties.contains_key("metadata"))
+                {
+                    continue;
                 }
                 if let Some(child) = node.properties.get(&key) {
                     if let Some(v) = map.get_mut(&key) {
@@ -521,19 +520,19 @@ fn validate_node(node: &Node, value: &Value, path: &str, errors: &mut Vec<FieldE
         });
         return;
     }
-    if let Some(allowed) = &node.enum_values {
-        if !allowed.contains(value) {
-            let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
-            errors.push(FieldError {
-                field: path.to_owned(),
-                reason: FieldErrorReason::NotSupported,
-                message: format!(
-                    "{path}: Unsupported value: {}: supported values: {}",
-                    value,
-                    list.join(", ")
-                ),
-            });
-        }
+    if let Some(allowed) = &node.enum_values
+        && !allowed.contains(value)
+    {
+        let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
+        errors.push(FieldError {
+            field: path.to_owned(),
+            reason: FieldErrorReason::NotSupported,
+            message: format!(
+                "{path}: Unsupported value: {}: supported values: {}",
+                value,
+                list.join(", ")
+            ),
+        });
     }
     match value {
         Value::Number(n) => {
@@ -579,55 +578,53 @@ fn validate_node(node: &Node, value: &Value, path: &str, errors: &mut Vec<FieldE
         }
         Value::String(s) => {
             let len = s.chars().count() as u64;
-            if let Some(max) = node.max_length {
-                if len > max {
-                    errors.push(FieldError {
-                        field: path.to_owned(),
-                        reason: FieldErrorReason::TooLong,
-                        message: format!("{path}: Too long: may not be more than {max} bytes"),
-                    });
-                }
+            if let Some(max) = node.max_length
+                && len > max
+            {
+                errors.push(FieldError {
+                    field: path.to_owned(),
+                    reason: FieldErrorReason::TooLong,
+                    message: format!("{path}: Too long: may not be more than {max} bytes"),
+                });
             }
-            if let Some(min) = node.min_length {
-                if len < min {
-                    errors.push(invalid(
-                        path,
-                        value,
-                        &format!("{path} in body should be at least {min} chars long"),
-                    ));
-                }
+            if let Some(min) = node.min_length
+                && len < min
+            {
+                errors.push(invalid(
+                    path,
+                    value,
+                    &format!("{path} in body should be at least {min} chars long"),
+                ));
             }
-            if let Some((pattern, re)) = &node.pattern {
-                if !re.is_match(s) {
-                    errors.push(invalid(
-                        path,
-                        value,
-                        &format!("{path} in body should match '{pattern}'"),
-                    ));
-                }
+            if let Some((pattern, re)) = &node.pattern
+                && !re.is_match(s)
+            {
+                errors.push(invalid(
+                    path,
+                    value,
+                    &format!("{path} in body should match '{pattern}'"),
+                ));
             }
         }
         Value::Array(items) => {
             let count = items.len() as u64;
-            if let Some(max) = node.max_items {
-                if count > max {
-                    errors.push(FieldError {
-                        field: path.to_owned(),
-                        reason: FieldErrorReason::TooMany,
-                        message: format!(
-                            "{path}: Too many: {count}: must have at most {max} items"
-                        ),
-                    });
-                }
+            if let Some(max) = node.max_items
+                && count > max
+            {
+                errors.push(FieldError {
+                    field: path.to_owned(),
+                    reason: FieldErrorReason::TooMany,
+                    message: format!("{path}: Too many: {count}: must have at most {max} items"),
+                });
             }
-            if let Some(min) = node.min_items {
-                if count < min {
-                    errors.push(invalid(
-                        path,
-                        value,
-                        &format!("{path} in body should have at least {min} items"),
-                    ));
-                }
+            if let Some(min) = node.min_items
+                && count < min
+            {
+                errors.push(invalid(
+                    path,
+                    value,
+                    &format!("{path} in body should have at least {min} items"),
+                ));
             }
             if let Some(item) = &node.items {
                 for (i, v) in items.iter().enumerate() {
@@ -637,17 +634,17 @@ fn validate_node(node: &Node, value: &Value, path: &str, errors: &mut Vec<FieldE
             check_list_uniqueness(node, items, path, errors);
         }
         Value::Object(map) => {
-            if let Some(max) = node.max_properties {
-                if map.len() as u64 > max {
-                    errors.push(FieldError {
-                        field: path.to_owned(),
-                        reason: FieldErrorReason::TooMany,
-                        message: format!(
-                            "{path}: Too many: {}: must have at most {max} items",
-                            map.len()
-                        ),
-                    });
-                }
+            if let Some(max) = node.max_properties
+                && map.len() as u64 > max
+            {
+                errors.push(FieldError {
+                    field: path.to_owned(),
+                    reason: FieldErrorReason::TooMany,
+                    message: format!(
+                        "{path}: Too many: {}: must have at most {max} items",
+                        map.len()
+                    ),
+                });
             }
             for key in &node.required {
                 if map.get(key).is_none_or(Value::is_null)
