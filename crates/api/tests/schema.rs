@@ -118,6 +118,16 @@ fn chart_crds_match_the_code() {
 }
 
 #[test]
+fn cel_rules_fit_the_api_server_budget() {
+    for plural in ["relaypools", "sendingdomains", "warmupplans"] {
+        let crd = read_yaml(&format!("crds/{plural}.mailfleet.dev.yaml"));
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let problems = mailfleet_crdschema::analyze_rules(schema);
+        assert!(problems.is_empty(), "{plural}: {problems:#?}");
+    }
+}
+
+#[test]
 fn every_example_is_accepted() {
     let mut seen = 0;
     for entry in std::fs::read_dir(repo().join("examples")).unwrap() {

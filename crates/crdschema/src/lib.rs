@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kube_cel::{CompiledSchema, ErrorKind, Validator, compile_schema};
+use kube_cel::{CompiledSchema, ErrorKind, Validator, compile_schema, estimate_rule_cost};
 use regex::Regex;
 use serde_json::{Map, Value};
 
@@ -233,6 +233,45 @@ impl Schema {
         self.prune(object);
         self.apply_defaults(object);
         self.validate(object, old)
+    }
+}
+
+/// The static check a real API server makes on CEL rules when a CRD is created: each rule's
+/// estimated cost must fit the budget, which needs `maxItems`/`maxLength` bounds on what it
+/// iterates. Returns one line per problem, naming the schema path and the rule.
+pub fn analyze_rules(open_api_v3_schema: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    analyze_node(open_api_v3_schema, "openAPIV3Schema", &mut out);
+    out
+}
+
+fn analyze_node(schema: &Value, path: &str, out: &mut Vec<String>) {
+    let Some(obj) = schema.as_object() else {
+        return;
+    };
+    if let Some(rules) = obj
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+    {
+        let compiled = compile_schema(schema);
+        for rule in rules
+            .iter()
+            .filter_map(|r| r.get("rule").and_then(Value::as_str))
+        {
+            for w in estimate_rule_cost(rule, &compiled) {
+                out.push(format!("{path}: {rule}: {}", w.message));
+            }
+        }
+    }
+    if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            analyze_node(v, &format!("{path}.{k}"), out);
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(v) = obj.get(key) {
+            analyze_node(v, &format!("{path}[*]"), out);
+        }
     }
 }
 
@@ -849,6 +888,18 @@ mod tests {
         );
         let (_, errs) = admit(json!({"spec": {"name": "big", "replicas": 9}}));
         assert!(errs.is_empty(), "{errs:?}");
+    }
+
+    #[test]
+    fn flags_rules_over_unbounded_lists() {
+        let unbounded = json!({"type": "object", "properties": {"l": {
+            "type": "array", "items": {"type": "string"},
+            "x-kubernetes-validations": [{"rule": "self.all(x, self.all(y, x != y || x == y))"}]}}});
+        assert!(!analyze_rules(&unbounded).is_empty());
+        let bounded = json!({"type": "object", "properties": {"l": {
+            "type": "array", "maxItems": 4, "items": {"type": "string", "maxLength": 8},
+            "x-kubernetes-validations": [{"rule": "self.all(x, self.all(y, x != y || x == y))"}]}}});
+        assert_eq!(analyze_rules(&bounded), Vec::<String>::new());
     }
 
     #[test]
