@@ -4,6 +4,8 @@
 //! Validation runs through `mailfleet-crdschema`, which prunes, defaults and validates as an
 //! API server does (OpenAPI schema, then CEL rules).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
+
 use std::path::PathBuf;
 
 use mailfleet_crdschema::Schema;
