@@ -4,3 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo run -q -p mailfleet -- crdgen
+cargo run -q -p mailfleet-proto --example protogen
