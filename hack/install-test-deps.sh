@@ -24,7 +24,11 @@ fi
 
 if [ ! -x bin/helm ] || [ ! -x bin/kubectl ]; then
   echo "installing helm and kubectl into bin/"
-  bash "$SHARED/tools/get-helm.sh" v35 "$ROOT/bin"
+  # The script's last line pipes `kubectl version` into `head`, which can end in SIGPIPE
+  # under pipefail; what matters is that both binaries arrived and run.
+  bash "$SHARED/tools/get-helm.sh" v35 "$ROOT/bin" || true
+  "$ROOT/bin/helm" version --short >/dev/null
+  "$ROOT/bin/kubectl" version --client >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
