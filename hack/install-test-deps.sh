@@ -39,5 +39,6 @@ fi
 # Component-specific peers (each script installs what its tests need).
 for extra in hack/*-test-deps.sh; do
   [ -e "$extra" ] || continue
+  [ "$extra" = hack/install-test-deps.sh ] && continue
   bash "$extra"
 done
