@@ -13,7 +13,9 @@ fn repo() -> PathBuf {
 
 /// Where the generated code is checked in.
 pub fn checked_in_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/gen").join(GENERATED_FILE)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("src/gen")
+        .join(GENERATED_FILE)
 }
 
 /// Generates the Rust code of every .proto file into `out`.
@@ -30,7 +32,9 @@ pub fn generate(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let target = checked_in_path();
-    let dir = target.parent().ok_or("generated file has no parent directory")?;
+    let dir = target
+        .parent()
+        .ok_or("generated file has no parent directory")?;
     std::fs::create_dir_all(dir)?;
     generate(dir)?;
     println!("wrote {}", target.display());
