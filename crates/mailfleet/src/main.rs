@@ -1,6 +1,8 @@
 //! `mailfleet`: the one binary of the project. Each subcommand is thin wiring around a library
 //! crate: `crdgen` (crates/api), and later `operator`, `relay` and `dev`.
 
+mod relay;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -29,6 +31,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Run the relay MTA from a config file (SMTP in, spool, DKIM, shaped delivery).
+    Relay(relay::Args),
     /// Run the whole fleet on this machine (devcluster, operator, relays, DNS, sink, traffic).
     Dev,
 }
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Crdgen { out, check } => crdgen(&out, check),
+        Command::Relay(args) => relay::run(args),
         Command::Dev => {
             bail!(
                 "`mailfleet dev` is not available yet: it arrives with the devcluster, operator \

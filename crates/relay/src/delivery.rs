@@ -1,0 +1,667 @@
+//! Delivery: per-destination queues, MX routing and the connection workers.
+//!
+//! Accepted messages are split by recipient domain into jobs. Each queue (destination
+//! domain, plus the assigned egress address when the overflow policy is `wait`) has up to
+//! `maxConnectionsPerDestination` workers; a worker holds one connection from an egress
+//! address the shaper granted, sends job after job over it (connection reuse), and closes it
+//! when the queue stays empty for `connectionIdle`. Each recipient ends delivered, bounced or
+//! blocked (spool record + counter + DSN), or deferred: retried after the backoff schedule
+//! until the max lifetime, then bounced.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use tokio::sync::{Notify, watch};
+
+use crate::client::{Connection, Outcome, Reply, classify};
+use crate::config::{DeliveryConfig, OverflowPolicy, ShapingConfig};
+use crate::metrics::Metrics;
+use crate::shaping::{MessageSlot, ProviderGroup, Shaper, Unavailable, provider_group, unix_now};
+use crate::spool::{Message, Spool};
+
+/// Errors of building the delivery side.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("failed to build the dns resolver: {0}")]
+    Resolver(String),
+}
+
+/// Where mail for a domain goes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// (MX host name, address) in preference order.
+    pub targets: Vec<(String, SocketAddr)>,
+    pub group: ProviderGroup,
+}
+
+/// Why a domain has no route.
+#[derive(Debug, Clone)]
+pub enum RouteError {
+    /// Permanent: null MX or a domain that does not exist.
+    Permanent(Reply),
+    /// Temporary: DNS trouble.
+    Temporary(Reply),
+}
+
+/// One delivery attempt's unit: a message and its recipients in one domain.
+#[derive(Debug, Clone)]
+struct Job {
+    msg: Arc<Message>,
+    rcpts: Vec<usize>,
+    domain: String,
+    attempts: u32,
+    /// The egress address the job must leave from (overflow policy `wait`).
+    address: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct QueueKey {
+    domain: String,
+    address: Option<IpAddr>,
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<Job>,
+    workers: usize,
+    notify: Arc<Notify>,
+}
+
+/// Recipients of a message that are still open, so the message leaves the gauge once done.
+struct Progress {
+    left: usize,
+}
+
+/// The delivery side of the relay.
+pub struct Delivery {
+    config: DeliveryConfig,
+    shaping: ShapingConfig,
+    hostname: String,
+    resolver: TokioResolver,
+    pub shaper: Arc<Shaper>,
+    spool: Arc<dyn Spool>,
+    metrics: Arc<Metrics>,
+    queues: Mutex<HashMap<QueueKey, Queue>>,
+    progress: Mutex<HashMap<u64, Progress>>,
+    shutdown: watch::Receiver<bool>,
+    /// Weak self for spawning workers from `&self` methods.
+    me: std::sync::Weak<Delivery>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").finish_non_exhaustive()
+    }
+}
+
+fn build_resolver(servers: &[SocketAddr]) -> Result<TokioResolver, DeliveryError> {
+    let servers: Vec<SocketAddr> = if servers.is_empty() {
+        vec![SocketAddr::from(([127, 0, 0, 1], 53))]
+    } else {
+        servers.to_vec()
+    };
+    let mut config = ResolverConfig::from_parts(None, Vec::new(), Vec::new());
+    for s in servers {
+        let mut udp = ConnectionConfig::udp();
+        udp.port = s.port();
+        let mut tcp = ConnectionConfig::tcp();
+        tcp.port = s.port();
+        let mut ns = NameServerConfig::udp_and_tcp(s.ip());
+        ns.connections = vec![udp, tcp];
+        config.add_name_server(ns);
+    }
+    let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+    builder.options_mut().timeout = Duration::from_secs(5);
+    builder.options_mut().attempts = 2;
+    // Names are always absolute here: never append a search domain.
+    builder.options_mut().ndots = 0;
+    builder
+        .build()
+        .map_err(|e| DeliveryError::Resolver(e.to_string()))
+}
+
+impl Delivery {
+    pub fn new(
+        config: DeliveryConfig,
+        shaping: ShapingConfig,
+        hostname: String,
+        shaper: Arc<Shaper>,
+        spool: Arc<dyn Spool>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, DeliveryError> {
+        let resolver = build_resolver(&config.nameservers)?;
+        Ok(Arc::new_cyclic(|me| Delivery {
+            config,
+            shaping,
+            hostname,
+            resolver,
+            shaper,
+            spool,
+            metrics,
+            queues: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
+            shutdown,
+            me: me.clone(),
+        }))
+    }
+
+    fn queues(&self) -> MutexGuard<'_, HashMap<QueueKey, Queue>> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Messages with open recipients (the queue gauge).
+    pub fn queued_messages(&self) -> usize {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Workers still running (drain waits for zero).
+    pub fn active_workers(&self) -> usize {
+        self.queues().values().map(|q| q.workers).sum()
+    }
+
+    /// Queues the `pending` recipients of a durable message.
+    pub fn submit(&self, msg: Arc<Message>, pending: Vec<usize>) {
+        if pending.is_empty() {
+            return;
+        }
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                msg.id,
+                Progress {
+                    left: pending.len(),
+                },
+            );
+        self.metrics.queued.set(self.queued_messages() as i64);
+        let mut by_domain: Vec<(String, Vec<usize>)> = Vec::new();
+        for i in pending {
+            let Some(rcpt) = msg.rcpts.get(i) else {
+                continue;
+            };
+            let domain = crate::smtp::address_domain(rcpt).unwrap_or_default();
+            match by_domain.iter_mut().find(|(d, _)| *d == domain) {
+                Some((_, v)) => v.push(i),
+                None => by_domain.push((domain, vec![i])),
+            }
+        }
+        for (domain, rcpts) in by_domain {
+            let address = match self.shaper.overflow {
+                OverflowPolicy::Wait => self.shaper.assign(),
+                OverflowPolicy::OtherAddress => None,
+            };
+            self.enqueue(Job {
+                msg: Arc::clone(&msg),
+                rcpts,
+                domain,
+                attempts: 0,
+                address,
+            });
+        }
+    }
+
+    fn enqueue(&self, job: Job) {
+        self.enqueue_at(job, false);
+    }
+
+    fn enqueue_at(&self, job: Job, front: bool) {
+        let key = QueueKey {
+            domain: job.domain.clone(),
+            address: job.address,
+        };
+        let mut queues = self.queues();
+        let q = queues.entry(key.clone()).or_default();
+        if front {
+            q.ready.push_front(job);
+        } else {
+            q.ready.push_back(job);
+        }
+        q.notify.notify_one();
+        let spawn = q.workers < self.config.max_connections_per_destination.max(1)
+            && !q.ready.is_empty()
+            && !*self.shutdown.borrow();
+        if spawn {
+            q.workers += 1;
+        }
+        drop(queues);
+        if spawn && let Some(me) = self.me.upgrade() {
+            tokio::spawn(async move { me.worker(key).await });
+        }
+    }
+
+    /// Takes the next job, or retires the worker (under the same lock, so an enqueue either
+    /// sees this worker alive or spawns a new one).
+    fn pop_or_retire(&self, key: &QueueKey, retire: bool) -> Option<Job> {
+        let mut queues = self.queues();
+        let q = queues.get_mut(key)?;
+        if let Some(j) = q.ready.pop_front() {
+            return Some(j);
+        }
+        if retire {
+            q.workers = q.workers.saturating_sub(1);
+            if q.workers == 0 && q.ready.is_empty() {
+                queues.remove(key);
+            }
+        }
+        None
+    }
+
+    fn requeue_front(&self, key: &QueueKey, job: Job) {
+        self.queues()
+            .entry(key.clone())
+            .or_default()
+            .ready
+            .push_front(job);
+    }
+
+    fn retire(&self, key: &QueueKey) {
+        let mut queues = self.queues();
+        if let Some(q) = queues.get_mut(key) {
+            q.workers = q.workers.saturating_sub(1);
+        }
+    }
+
+    fn notify_of(&self, key: &QueueKey) -> Option<Arc<Notify>> {
+        self.queues().get(key).map(|q| Arc::clone(&q.notify))
+    }
+
+    /// Moves every waiting job of `key` (and `first`) to `until` (a Unix time).
+    fn park_queue(&self, key: &QueueKey, first: Job, until: f64) {
+        let mut jobs = vec![first];
+        if let Some(q) = self.queues().get_mut(key) {
+            jobs.extend(q.ready.drain(..));
+        }
+        let delay = Duration::from_secs_f64((until - unix_now()).max(1.0));
+        for job in jobs {
+            self.later(job, delay);
+        }
+    }
+
+    fn later(&self, job: Job, delay: Duration) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => me.enqueue(job),
+                // Parked jobs are still on the spool; the next start picks them up.
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        });
+    }
+
+    async fn worker(self: Arc<Self>, key: QueueKey) {
+        let mut conn: Option<(Connection, crate::shaping::ConnectionPermit, usize)> = None;
+        loop {
+            if *self.shutdown.borrow() {
+                self.retire(&key);
+                break;
+            }
+            let job = match self.pop_or_retire(&key, conn.is_none()) {
+                Some(j) => j,
+                None if conn.is_none() => break,
+                None => {
+                    // Keep the connection a little for reuse, then retire.
+                    let Some(notify) = self.notify_of(&key) else {
+                        self.retire(&key);
+                        break;
+                    };
+                    let _ =
+                        tokio::time::timeout(self.config.connection_idle, notify.notified()).await;
+                    match self.pop_or_retire(&key, true) {
+                        Some(j) => j,
+                        None => break,
+                    }
+                }
+            };
+            if conn
+                .as_ref()
+                .is_some_and(|c| c.2 >= self.config.max_messages_per_connection)
+                && let Some((c, _, _)) = conn.take()
+            {
+                c.quit().await;
+            }
+            if conn.is_none() {
+                match self.connect(&job).await {
+                    Ok(c) => {
+                        conn = Some((c.0, c.1, 0));
+                    }
+                    Err(ConnectFailure::Unavailable(Unavailable::OverQuota { until })) => {
+                        self.park_queue(&key, job, until);
+                        self.retire(&key);
+                        break;
+                    }
+                    Err(ConnectFailure::Unavailable(Unavailable::Busy)) => {
+                        // Connection slots are taken by other queues: keep our place and
+                        // look again shortly (shutdown is checked at the top of the loop).
+                        self.requeue_front(&key, job);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    Err(ConnectFailure::Route(RouteError::Permanent(reply))) => {
+                        self.finish_all(&job, None, ProviderGroup::Other, &reply, Outcome::Bounced);
+                        continue;
+                    }
+                    Err(ConnectFailure::Route(RouteError::Temporary(reply)))
+                    | Err(ConnectFailure::Connect(reply)) => {
+                        self.defer(job, None, ProviderGroup::Other, &reply);
+                        continue;
+                    }
+                }
+            }
+            let Some((c, permit, sent)) = conn.as_mut() else {
+                continue;
+            };
+            match self
+                .shaper
+                .message_slot(permit.address, permit.group, unix_now())
+            {
+                MessageSlot::Go(wait) => {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                MessageSlot::OverQuota { until } => {
+                    if key.address.is_some() {
+                        self.park_queue(&key, job, until);
+                        if let Some((c, _, _)) = conn.take() {
+                            c.quit().await;
+                        }
+                        self.retire(&key);
+                        break;
+                    }
+                    // Another address may have quota left: reconnect from it.
+                    self.requeue_front(&key, job);
+                    if let Some((c, _, _)) = conn.take() {
+                        c.quit().await;
+                    }
+                    continue;
+                }
+            }
+            let rcpts: Vec<&str> = job
+                .rcpts
+                .iter()
+                .filter_map(|i| job.msg.rcpts.get(*i).map(String::as_str))
+                .collect();
+            let address = permit.address;
+            let group = permit.group;
+            match c.send(&job.msg.mail_from, &rcpts, &job.msg.data).await {
+                Ok(replies) => {
+                    *sent += 1;
+                    self.handle_replies(job, address, group, replies);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "delivery connection failed");
+                    conn = None;
+                    self.defer(job, Some(address), group, &e.as_reply());
+                }
+            }
+        }
+        if let Some((c, _, _)) = conn.take() {
+            c.quit().await;
+        }
+    }
+
+    async fn connect(
+        &self,
+        job: &Job,
+    ) -> Result<(Connection, crate::shaping::ConnectionPermit), ConnectFailure> {
+        let route = self
+            .route(&job.domain)
+            .await
+            .map_err(ConnectFailure::Route)?;
+        let permit = self
+            .shaper
+            .acquire(route.group, job.address, unix_now())
+            .map_err(ConnectFailure::Unavailable)?;
+        let mut last = Reply {
+            code: 451,
+            text: format!("4.4.1 no usable mail exchanger for {}", job.domain),
+        };
+        for (host, target) in &route.targets {
+            if target.is_ipv4() != permit.address.is_ipv4() {
+                continue;
+            }
+            match Connection::open(
+                permit.address,
+                *target,
+                &permit.helo,
+                host,
+                self.config.opportunistic_tls,
+                self.config.command_timeout,
+            )
+            .await
+            {
+                Ok(c) => return Ok((c, permit)),
+                Err(e) => {
+                    tracing::info!(error = %e, %host, "mail exchanger failed");
+                    last = e.as_reply();
+                    // A 5xx greeting is still only about this host: try the next one, and
+                    // count it as temporary so the mail waits for a better day.
+                    if last.code / 100 == 5 {
+                        last.code = 451;
+                    }
+                }
+            }
+        }
+        Err(ConnectFailure::Connect(last))
+    }
+
+    /// Resolves the mail exchangers of `domain` (static route, MX, or implicit MX).
+    pub async fn route(&self, domain: &str) -> Result<Route, RouteError> {
+        let port = self.config.port;
+        if let Some(addr) = self
+            .config
+            .routes
+            .get(domain)
+            .or_else(|| self.config.routes.get("*"))
+        {
+            return Ok(Route {
+                targets: vec![(addr.ip().to_string(), *addr)],
+                group: provider_group(domain, &self.shaping.mx_suffixes),
+            });
+        }
+        let temp = |e: &dyn std::fmt::Display| {
+            RouteError::Temporary(Reply {
+                code: 451,
+                text: format!("4.4.3 dns lookup for {domain} failed: {e}"),
+            })
+        };
+        let fqdn = format!("{}.", domain.trim_end_matches('.'));
+        let hosts: Vec<String> = match self.resolver.mx_lookup(fqdn.as_str()).await {
+            Ok(lookup) => {
+                let mut mx: Vec<(u16, String)> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
+                        _ => None,
+                    })
+                    .collect();
+                mx.sort();
+                if mx.len() == 1 && (mx[0].1 == "." || mx[0].1.is_empty()) {
+                    return Err(RouteError::Permanent(Reply {
+                        code: 556,
+                        text: format!("5.1.10 {domain} does not accept mail (null MX)"),
+                    }));
+                }
+                mx.into_iter().map(|(_, h)| h).collect()
+            }
+            Err(e) if e.is_nx_domain() => {
+                return Err(RouteError::Permanent(Reply {
+                    code: 550,
+                    text: format!("5.1.2 domain {domain} does not exist"),
+                }));
+            }
+            // No MX records: the domain itself is the implicit MX (RFC 5321 §5.1).
+            Err(e) if e.is_no_records_found() => vec![fqdn.clone()],
+            Err(e) => return Err(temp(&e)),
+        };
+        let group = hosts.first().map_or(ProviderGroup::Other, |h| {
+            provider_group(h, &self.shaping.mx_suffixes)
+        });
+        let mut targets = Vec::new();
+        let mut last_err: Option<String> = None;
+        for host in &hosts {
+            match self.resolver.lookup_ip(host.as_str()).await {
+                Ok(ips) => {
+                    for ip in ips.iter() {
+                        targets.push((
+                            host.trim_end_matches('.').to_string(),
+                            SocketAddr::new(ip, port),
+                        ));
+                    }
+                }
+                Err(e) => last_err = Some(e.to_string()),
+            }
+        }
+        if targets.is_empty() {
+            return Err(temp(&last_err.unwrap_or_else(|| "no addresses".into())));
+        }
+        Ok(Route { targets, group })
+    }
+
+    fn handle_replies(&self, job: Job, address: IpAddr, group: ProviderGroup, replies: Vec<Reply>) {
+        let mut deferred = Vec::new();
+        let mut last_deferral = None;
+        for (i, reply) in job.rcpts.iter().zip(replies) {
+            let outcome = classify(&reply);
+            match outcome {
+                Outcome::Deferred => {
+                    self.metrics.delivery(Some(address), group, outcome);
+                    deferred.push(*i);
+                    last_deferral = Some(reply);
+                }
+                _ => self.finish(&job.msg, *i, Some(address), group, &reply, outcome),
+            }
+        }
+        if let Some(reply) = last_deferral {
+            self.retry(
+                Job {
+                    rcpts: deferred,
+                    ..job
+                },
+                Some(address),
+                group,
+                &reply,
+            );
+        }
+    }
+
+    /// All recipients of `job` failed the same way before a transaction.
+    fn defer(&self, job: Job, address: Option<IpAddr>, group: ProviderGroup, reply: &Reply) {
+        for _ in &job.rcpts {
+            self.metrics.delivery(address, group, Outcome::Deferred);
+        }
+        self.retry(job, address, group, reply);
+    }
+
+    fn retry(&self, mut job: Job, address: Option<IpAddr>, group: ProviderGroup, reply: &Reply) {
+        let age = unix_now() - job.msg.received_at as f64;
+        if age >= self.config.max_lifetime.as_secs_f64() {
+            let expired = Reply {
+                code: 554,
+                text: format!(
+                    "5.4.7 delivery time expired after {} attempts; last error: {}",
+                    job.attempts + 1,
+                    reply
+                ),
+            };
+            self.finish_all(&job, address, group, &expired, Outcome::Bounced);
+            return;
+        }
+        let idx = (job.attempts as usize).min(self.config.retry_intervals.len().saturating_sub(1));
+        let delay = self
+            .config
+            .retry_intervals
+            .get(idx)
+            .copied()
+            .unwrap_or(Duration::from_secs(300));
+        job.attempts += 1;
+        tracing::debug!(id = job.msg.id, domain = %job.domain, ?delay, %reply, "deferred");
+        self.later(job, delay);
+    }
+
+    fn finish_all(
+        &self,
+        job: &Job,
+        address: Option<IpAddr>,
+        group: ProviderGroup,
+        reply: &Reply,
+        outcome: Outcome,
+    ) {
+        for i in &job.rcpts {
+            self.finish(&job.msg, *i, address, group, reply, outcome);
+        }
+    }
+
+    /// A recipient is done for good: record it, count it, and tell the sender if it failed.
+    fn finish(
+        &self,
+        msg: &Arc<Message>,
+        rcpt: usize,
+        address: Option<IpAddr>,
+        group: ProviderGroup,
+        reply: &Reply,
+        outcome: Outcome,
+    ) {
+        self.metrics.delivery(address, group, outcome);
+        self.spool.rcpt_done(msg.id, rcpt);
+        if outcome != Outcome::Delivered
+            && self.config.dsn
+            && !msg.mail_from.is_empty()
+            && let Some(to) = msg.rcpts.get(rcpt)
+        {
+            self.send_dsn(msg, to, reply);
+        }
+        let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = progress.get_mut(&msg.id) {
+            p.left = p.left.saturating_sub(1);
+            if p.left == 0 {
+                progress.remove(&msg.id);
+            }
+        }
+        let n = progress.len();
+        drop(progress);
+        self.metrics.queued.set(n as i64);
+    }
+
+    fn send_dsn(&self, original: &Message, failed_rcpt: &str, reply: &Reply) {
+        let id = self.spool.next_id();
+        let data = crate::dsn::build(&self.hostname, original, failed_rcpt, reply, id);
+        let dsn = Message {
+            id,
+            received_at: unix_now() as u64,
+            mail_from: String::new(),
+            rcpts: vec![original.mail_from.clone()],
+            data,
+        };
+        let stored = self.spool.store(&dsn);
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            match stored.await {
+                Ok(Ok(())) => me.submit(Arc::new(dsn), vec![0]),
+                _ => tracing::error!(id, "failed to spool a delivery status notification"),
+            }
+        });
+    }
+}
+
+enum ConnectFailure {
+    Route(RouteError),
+    Unavailable(Unavailable),
+    Connect(Reply),
+}
