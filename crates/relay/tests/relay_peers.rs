@@ -31,7 +31,11 @@ fn swaks(relay: SocketAddr, from: &str, to: &str, extra: &[&str]) -> (bool, Stri
         .unwrap();
     (
         out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -585,4 +589,129 @@ async fn kill_9_under_load_loses_nothing() {
         "accepted messages lost after kill -9 (of {})",
         accepted.len()
     );
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_and_auth_with_swaks_and_http_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = Command::new(require("openssl"))
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+        ])
+        .arg("/CN=relay.example.test")
+        .args(["-keyout", "tls.key", "-out", "tls.crt"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sink = Sink::start(d, &[]);
+    let mut cfg = config(d, &[("127.0.0.2", "out2.example.test")]);
+    // Nobody is trusted by address: every client must authenticate.
+    cfg.listener.allowed_networks = vec!["10.0.0.0/8".parse().unwrap()];
+    cfg.listener.tls = Some(mailfleet_relay::config::TlsFiles {
+        cert: d.join("tls.crt"),
+        key: d.join("tls.key"),
+    });
+    cfg.listener.users = vec![mailfleet_relay::config::UserConfig {
+        name: "app".into(),
+        password: "s3cret".into(),
+    }];
+    cfg.delivery
+        .routes
+        .insert("*".into(), SocketAddr::from(([127, 0, 0, 1], sink.port)));
+    cfg.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let relay = Relay::start(cfg).await.unwrap();
+    let addr = relay.smtp_addr;
+
+    // In clear text: STARTTLS offered, AUTH not, and no mail without authentication.
+    let mut c = Client::connect_from("127.0.0.1", addr).await;
+    let ehlo = c.cmd("EHLO c.test").await;
+    assert!(
+        ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
+    assert!(
+        c.cmd("AUTH PLAIN AGFwcABzM2NyZXQ=")
+            .await
+            .starts_with("538 5.7.11")
+    );
+    assert!(
+        c.cmd("MAIL FROM:<s@example.test>")
+            .await
+            .starts_with("530 5.7.0")
+    );
+
+    let (ok, log) = tokio::task::spawn_blocking(move || {
+        swaks(
+            addr,
+            "s@example.test",
+            "u@dest.test",
+            &[
+                "--tls",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "app",
+                "--auth-password",
+                "s3cret",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{log}");
+    assert!(log.contains("235 2.7.0"), "{log}");
+    let (ok, log) = tokio::task::spawn_blocking(move || {
+        swaks(
+            addr,
+            "s@example.test",
+            "u@dest.test",
+            &[
+                "--tls",
+                "--auth",
+                "LOGIN",
+                "--auth-user",
+                "app",
+                "--auth-password",
+                "wrong",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok && log.contains("535 5.7.8"), "{log}");
+    let msgs = sink.wait_for(1, 20);
+    assert_eq!(msgs.len(), 1);
+    assert!(msgs[0].1.contains("with ESMTPSA"), "{}", msgs[0].1);
+
+    let http = relay.http_addr.unwrap();
+    let (h, r, m) = tokio::task::spawn_blocking(move || {
+        (
+            http_get(http, "/healthz"),
+            http_get(http, "/readyz"),
+            http_get(http, "/metrics"),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(m.contains("mailfleet_relay_accepted_total 1"), "{m}");
+    assert!(m.contains("reason=\"auth_failed\"} 1"), "{m}");
+    relay.shutdown(Duration::from_secs(5)).await;
 }
