@@ -1,6 +1,7 @@
 //! `mailfleet`: the one binary of the project. Each subcommand is thin wiring around a library
 //! crate: `crdgen` (crates/api), and later `operator`, `relay` and `dev`.
 
+mod devcluster;
 mod relay;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,8 @@ enum Command {
     },
     /// Run the relay MTA from a config file (SMTP in, spool, DKIM, shaped delivery).
     Relay(relay::Args),
+    /// Serve a Kubernetes API emulator on loopback; prints the kubeconfig path.
+    Devcluster(devcluster::Args),
     /// Run the whole fleet on this machine (devcluster, operator, relays, DNS, sink, traffic).
     Dev,
 }
@@ -51,6 +54,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Crdgen { out, check } => crdgen(&out, check),
         Command::Relay(args) => relay::run(args),
+        Command::Devcluster(args) => devcluster::run(args),
         Command::Dev => {
             bail!(
                 "`mailfleet dev` is not available yet: it arrives with the devcluster, operator \

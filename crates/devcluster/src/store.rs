@@ -1,0 +1,1172 @@
+//! Object storage with Kubernetes write semantics.
+//!
+//! Objects are `serde_json::Value`s keyed by group/resource, namespace and name. One global
+//! counter gives every write its `resourceVersion`, and a bounded log of change events serves
+//! watches from a past version (older than the log: 410 Gone). Writes implement the API
+//! server's rules: optimistic concurrency, `generation` bumped on spec changes, status kept
+//! apart when it is a subresource, finalizers and `deletionTimestamp`, ownerReference garbage
+//! collection (background cascade, synchronous here), namespace lifecycle, CRD registration,
+//! managed fields. Everything happens under one lock, so each write is atomic and events are
+//! emitted in resourceVersion order.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::resources::{GroupResource, Registry, ResourceType};
+use crate::selectors::Selectors;
+use crate::ssa;
+use crate::status::{ApiError, Cause};
+
+/// The type of a watch event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// Created.
+    Added,
+    /// Changed.
+    Modified,
+    /// Removed.
+    Deleted,
+}
+
+impl EventType {
+    /// The wire name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as kept in the log and sent to watchers.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// The resourceVersion of the change.
+    pub rv: u64,
+    /// Which resource.
+    pub gr: GroupResource,
+    /// The object's namespace ("" for cluster-scoped).
+    pub namespace: String,
+    /// ADDED / MODIFIED / DELETED.
+    pub type_: EventType,
+    /// The object after the change (before removal, for DELETED).
+    pub object: Value,
+}
+
+/// How a write records field ownership.
+#[derive(Debug, Clone)]
+pub enum Ownership {
+    /// A create, update or non-apply patch by this manager.
+    Update(String),
+    /// Server-side apply: managedFields were computed by the caller.
+    Applied,
+    /// An internal write by the emulator's own controllers.
+    System(String),
+}
+
+/// Options of a write.
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    /// Who writes.
+    pub ownership: Ownership,
+    /// `status` for the status subresource.
+    pub subresource: Option<String>,
+    /// `dryRun=All`: validate and answer, store nothing.
+    pub dry_run: bool,
+}
+
+impl WriteOptions {
+    /// A write by the emulator itself.
+    pub fn system(manager: &str) -> Self {
+        WriteOptions {
+            ownership: Ownership::System(manager.into()),
+            subresource: None,
+            dry_run: false,
+        }
+    }
+}
+
+/// `propagationPolicy` of a delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// Dependents are deleted after the owner (the default here).
+    Background,
+    /// Treated as Background (documented).
+    Foreground,
+    /// Dependents lose their ownerReference and stay.
+    Orphan,
+}
+
+/// Options of a delete.
+#[derive(Debug, Clone)]
+pub struct DeleteOptions {
+    /// Cascade policy.
+    pub propagation: Propagation,
+    /// `preconditions.uid`.
+    pub uid: Option<String>,
+    /// `preconditions.resourceVersion`.
+    pub resource_version: Option<String>,
+    /// `dryRun=All`.
+    pub dry_run: bool,
+}
+
+impl Default for DeleteOptions {
+    fn default() -> Self {
+        DeleteOptions {
+            propagation: Propagation::Background,
+            uid: None,
+            resource_version: None,
+            dry_run: false,
+        }
+    }
+}
+
+/// Where a watch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchStart {
+    /// `resourceVersion` unset or "0": synthetic ADDED events for every current object first.
+    Now,
+    /// After this resourceVersion: replay the log from there.
+    After(u64),
+    /// `sendInitialEvents=true`: ADDED for every object, then a BOOKMARK marking the end.
+    InitialEvents,
+}
+
+/// What a watch starts with and where it continues.
+#[derive(Debug)]
+pub struct WatchFeed {
+    /// Events to send first.
+    pub initial: Vec<Arc<StoredEvent>>,
+    /// Whether an initial-events-end BOOKMARK follows `initial`.
+    pub initial_bookmark: bool,
+    /// The resourceVersion at the moment the watch started.
+    pub start_rv: u64,
+    /// Later changes (filter by resource, namespace and selectors; skip rv <= last sent).
+    pub live: broadcast::Receiver<Arc<StoredEvent>>,
+}
+
+type ObjKey = (String, String);
+
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<GroupResource, BTreeMap<ObjKey, Value>>,
+    log: VecDeque<Arc<StoredEvent>>,
+    /// Watches must start at or after this resourceVersion; older ones get 410.
+    compacted: u64,
+    history: usize,
+    registry: Registry,
+    next_cluster_ip: u32,
+}
+
+/// The store.
+pub struct Store {
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<Arc<StoredEvent>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> &'a str {
+    obj["metadata"][field].as_str().unwrap_or_default()
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let id = uuid::Uuid::new_v4();
+    id.as_bytes()
+        .iter()
+        .take(5)
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// The object without the fields that change on every write, to detect no-op updates and
+/// spec changes.
+fn without(obj: &Value, drop_top: &[&str], drop_meta: &[&str]) -> Value {
+    let mut o = obj.clone();
+    if let Some(map) = o.as_object_mut() {
+        for k in drop_top {
+            map.remove(*k);
+        }
+    }
+    if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        for k in drop_meta {
+            meta.remove(*k);
+        }
+    }
+    o
+}
+
+fn finalizers(obj: &Value) -> Vec<String> {
+    obj["metadata"]["finalizers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Store {
+    /// An empty store with the default namespaces, keeping `history` events for watches.
+    pub fn new(history: usize) -> Arc<Self> {
+        let (tx, _) = broadcast::channel(4096);
+        let store = Arc::new(Store {
+            inner: Mutex::new(Inner {
+                rv: 0,
+                objects: BTreeMap::new(),
+                log: VecDeque::new(),
+                compacted: 0,
+                history: history.max(1),
+                registry: Registry::with_builtins(),
+                next_cluster_ip: 1,
+            }),
+            tx,
+        });
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let rt = store.registry().get("", "v1", "namespaces").cloned();
+            if let Some(rt) = rt {
+                // Creating the built-in namespaces cannot fail on an empty store.
+                let _ = store.create(
+                    &rt,
+                    "",
+                    json!({"metadata": {"name": ns}}),
+                    &WriteOptions::system("devcluster"),
+                );
+            }
+        }
+        store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-written object (writes build the
+        // new value first), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A snapshot of the registry.
+    pub fn registry(&self) -> Registry {
+        self.lock().registry.clone()
+    }
+
+    /// Every change from now on (the pod runner reconciles on them).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<StoredEvent>> {
+        self.tx.subscribe()
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// Drop the whole event history: watches from any earlier resourceVersion get 410 Gone,
+    /// as after an etcd compaction. For tests of clients' recovery.
+    pub fn compact(&self) {
+        let mut inner = self.lock();
+        inner.log.clear();
+        inner.compacted = inner.rv;
+    }
+
+    /// Get one object.
+    pub fn get(&self, rt: &ResourceType, ns: &str, name: &str) -> Result<Value, ApiError> {
+        let inner = self.lock();
+        inner
+            .objects
+            .get(&rt.group_resource())
+            .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+            .map(|o| with_version(o, rt))
+            .ok_or_else(|| ApiError::not_found(&rt.plural, &rt.group, name))
+    }
+
+    /// List objects (all namespaces when `ns` is None), sorted by namespace and name.
+    pub fn list(&self, rt: &ResourceType, ns: Option<&str>, sel: &Selectors) -> (Vec<Value>, u64) {
+        let inner = self.lock();
+        let items = inner
+            .objects
+            .get(&rt.group_resource())
+            .map(|m| {
+                m.iter()
+                    .filter(|((n, _), _)| ns.is_none_or(|want| want == n))
+                    .filter(|(_, o)| sel.matches(o))
+                    .map(|(_, o)| with_version(o, rt))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (items, inner.rv)
+    }
+
+    /// List every object of every resource (for the emulator's controllers).
+    pub fn list_group_resource(&self, gr: &GroupResource) -> Vec<Value> {
+        let inner = self.lock();
+        inner
+            .objects
+            .get(gr)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Start a watch.
+    pub fn watch(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        sel: &Selectors,
+        start: WatchStart,
+    ) -> Result<WatchFeed, ApiError> {
+        let inner = self.lock();
+        // Subscribing under the lock means no event can fall between the replay and the feed.
+        let live = self.tx.subscribe();
+        let gr = rt.group_resource();
+        let initial: Vec<Arc<StoredEvent>> = match start {
+            WatchStart::After(from) => {
+                if from < inner.compacted {
+                    return Err(ApiError::gone(format!(
+                        "too old resource version: {from} ({})",
+                        inner.compacted
+                    )));
+                }
+                inner
+                    .log
+                    .iter()
+                    .filter(|e| e.rv > from && e.gr == gr)
+                    .filter(|e| ns.is_none_or(|n| n == e.namespace))
+                    .filter(|e| sel.matches(&e.object))
+                    .cloned()
+                    .collect()
+            }
+            WatchStart::Now | WatchStart::InitialEvents => inner
+                .objects
+                .get(&gr)
+                .map(|m| {
+                    m.iter()
+                        .filter(|((n, _), _)| ns.is_none_or(|want| want == n))
+                        .filter(|(_, o)| sel.matches(o))
+                        .map(|((n, _), o)| {
+                            Arc::new(StoredEvent {
+                                rv: meta_str(o, "resourceVersion").parse().unwrap_or(0),
+                                gr: gr.clone(),
+                                namespace: n.clone(),
+                                type_: EventType::Added,
+                                object: o.clone(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        Ok(WatchFeed {
+            initial,
+            initial_bookmark: start == WatchStart::InitialEvents,
+            start_rv: inner.rv,
+            live,
+        })
+    }
+
+    /// Create an object.
+    pub fn create(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let created = self.create_locked(&mut inner, rt, ns, obj, opts)?;
+        Ok(with_version(&created, rt))
+    }
+
+    /// Replace an object (PUT), or its status.
+    pub fn update(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let updated = self.update_locked(&mut inner, rt, ns, name, obj, opts)?;
+        Ok(with_version(&updated, rt))
+    }
+
+    /// Read-modify-write under the lock (patches): `f` gets the current object (None if it
+    /// does not exist) and returns the new one; a missing object is created only when `f`
+    /// returns Some for None (server-side apply).
+    pub fn modify<F>(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        opts: &WriteOptions,
+        f: F,
+    ) -> Result<Value, ApiError>
+    where
+        F: FnOnce(Option<&Value>) -> Result<Value, ApiError>,
+    {
+        let mut inner = self.lock();
+        let current = inner
+            .objects
+            .get(&rt.group_resource())
+            .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+            .map(|o| with_version(o, rt));
+        let exists = current.is_some();
+        let new = f(current.as_ref())?;
+        let result = if exists {
+            self.update_locked(&mut inner, rt, ns, name, new, opts)?
+        } else {
+            self.create_locked(&mut inner, rt, ns, new, opts)?
+        };
+        Ok(with_version(&result, rt))
+    }
+
+    /// Delete an object: marks it with deletionTimestamp while finalizers remain, removes it
+    /// (and cascades to dependents) otherwise. Returns the object as it ends up.
+    pub fn delete(
+        &self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let obj = self.delete_locked(&mut inner, &rt.group_resource(), ns, name, opts)?;
+        Ok(with_version(&obj, rt))
+    }
+
+    /// Delete every matching object of a resource.
+    pub fn delete_collection(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        sel: &Selectors,
+        opts: &DeleteOptions,
+    ) -> Result<Vec<Value>, ApiError> {
+        let (items, _) = self.list(rt, ns, sel);
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for item in items {
+            let n = meta_str(&item, "namespace").to_string();
+            let name = meta_str(&item, "name").to_string();
+            match self.delete_locked(&mut inner, &rt.group_resource(), &n, &name, opts) {
+                Ok(o) => out.push(with_version(&o, rt)),
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- internals -------------------------------------------------------------------------
+
+    fn emit(&self, inner: &mut Inner, gr: &GroupResource, ns: &str, type_: EventType, obj: &Value) {
+        let event = Arc::new(StoredEvent {
+            rv: inner.rv,
+            gr: gr.clone(),
+            namespace: ns.to_string(),
+            type_,
+            object: obj.clone(),
+        });
+        inner.log.push_back(event.clone());
+        while inner.log.len() > inner.history {
+            if let Some(old) = inner.log.pop_front() {
+                inner.compacted = old.rv;
+            }
+        }
+        // No receivers is fine: nobody watches.
+        let _ = self.tx.send(event);
+    }
+
+    fn namespace_check(&self, inner: &Inner, rt: &ResourceType, ns: &str) -> Result<(), ApiError> {
+        if !rt.namespaced {
+            return Ok(());
+        }
+        if ns.is_empty() {
+            return Err(ApiError::bad_request(
+                "the namespace of the object is required for a namespaced resource",
+            ));
+        }
+        let nsobj = inner
+            .objects
+            .get(&GroupResource {
+                group: String::new(),
+                resource: "namespaces".into(),
+            })
+            .and_then(|m| m.get(&(String::new(), ns.to_string())));
+        match nsobj {
+            None => Err(ApiError::not_found("namespaces", "", ns)),
+            Some(o) if !o["metadata"]["deletionTimestamp"].is_null() => {
+                Err(ApiError::forbidden(format!(
+                    "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    crate::status::qualified(&rt.plural, &rt.group),
+                    "",
+                )))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn create_locked(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        ns: &str,
+        mut obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
+        if !obj.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request must be an object",
+            ));
+        }
+        let ns = if rt.namespaced { ns } else { "" };
+        let body_ns = meta_str(&obj, "namespace");
+        if rt.namespaced && !body_ns.is_empty() && body_ns != ns {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        self.namespace_check(inner, rt, ns)?;
+        if !obj["metadata"].is_object() {
+            obj["metadata"] = json!({});
+        }
+        let mut name = meta_str(&obj, "name").to_string();
+        if name.is_empty() {
+            let prefix = meta_str(&obj, "generateName").to_string();
+            if prefix.is_empty() {
+                return Err(ApiError::invalid(
+                    &rt.kind,
+                    &rt.group,
+                    "",
+                    vec![Cause {
+                        reason: "FieldValueRequired".into(),
+                        message: "metadata.name: Required value: name or generateName is required"
+                            .into(),
+                        field: "metadata.name".into(),
+                    }],
+                ));
+            }
+            name = format!("{prefix}{}", random_suffix());
+        }
+        let gr = rt.group_resource();
+        let key = (ns.to_string(), name.clone());
+        if inner.objects.get(&gr).is_some_and(|m| m.contains_key(&key)) {
+            return Err(ApiError::already_exists(&rt.plural, &rt.group, &name));
+        }
+        obj["apiVersion"] = json!(rt.api_version());
+        obj["kind"] = json!(rt.kind);
+        {
+            let meta = &mut obj["metadata"];
+            meta["name"] = json!(name);
+            if rt.namespaced {
+                meta["namespace"] = json!(ns);
+            } else if let Some(m) = meta.as_object_mut() {
+                m.remove("namespace");
+            }
+            meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
+            meta["creationTimestamp"] = json!(now());
+            if let Some(m) = meta.as_object_mut() {
+                m.remove("deletionTimestamp");
+                m.remove("deletionGracePeriodSeconds");
+                m.remove("resourceVersion");
+                m.remove("selfLink");
+            }
+        }
+        if rt.status_subresource
+            && !matches!(opts.ownership, Ownership::System(_))
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
+        }
+        if rt.custom || obj.get("spec").is_some() {
+            obj["metadata"]["generation"] = json!(1);
+        }
+        self.admit(inner, rt, &mut obj, None)?;
+        match &opts.ownership {
+            Ownership::Update(manager) | Ownership::System(manager) => {
+                ssa::record_update(rt, None, &mut obj, manager, opts.subresource.as_deref())
+            }
+            Ownership::Applied => {}
+        }
+        if opts.dry_run {
+            return Ok(obj);
+        }
+        inner.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        inner
+            .objects
+            .entry(gr.clone())
+            .or_default()
+            .insert(key, obj.clone());
+        self.emit(inner, &gr, ns, EventType::Added, &obj);
+        self.after_create(inner, rt, &obj);
+        Ok(obj)
+    }
+
+    fn update_locked(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
+        let ns = if rt.namespaced { ns } else { "" };
+        let gr = rt.group_resource();
+        let key = (ns.to_string(), name.to_string());
+        let Some(old) = inner.objects.get(&gr).and_then(|m| m.get(&key)).cloned() else {
+            return Err(ApiError::not_found(&rt.plural, &rt.group, name));
+        };
+        if !obj.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request must be an object",
+            ));
+        }
+        let body_name = meta_str(&obj, "name");
+        if !body_name.is_empty() && body_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        let body_rv = meta_str(&obj, "resourceVersion");
+        if !body_rv.is_empty() && body_rv != meta_str(&old, "resourceVersion") {
+            return Err(ApiError::stale(&rt.plural, &rt.group, name));
+        }
+        let status_write = opts.subresource.as_deref() == Some("status");
+        let mut new = if status_write {
+            // The status subresource changes status only.
+            let mut n = old.clone();
+            n["status"] = obj.get("status").cloned().unwrap_or(Value::Null);
+            if n["status"].is_null()
+                && let Some(m) = n.as_object_mut()
+            {
+                m.remove("status");
+            }
+            if matches!(opts.ownership, Ownership::Applied) {
+                n["metadata"]["managedFields"] = obj["metadata"]["managedFields"].clone();
+            }
+            n
+        } else {
+            if !obj["metadata"].is_object() {
+                obj["metadata"] = json!({});
+            }
+            // Server-owned metadata stays as it was.
+            for field in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "namespace",
+                "name",
+            ] {
+                match old["metadata"].get(field) {
+                    Some(v) => obj["metadata"][field] = v.clone(),
+                    None => {
+                        if let Some(m) = obj["metadata"].as_object_mut() {
+                            m.remove(field);
+                        }
+                    }
+                }
+            }
+            obj["apiVersion"] = json!(rt.api_version());
+            obj["kind"] = json!(rt.kind);
+            if rt.status_subresource && !matches!(opts.ownership, Ownership::System(_)) {
+                match old.get("status") {
+                    Some(s) => obj["status"] = s.clone(),
+                    None => {
+                        if let Some(m) = obj.as_object_mut() {
+                            m.remove("status");
+                        }
+                    }
+                }
+            }
+            if !matches!(opts.ownership, Ownership::Applied) {
+                obj["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
+                if obj["metadata"]["managedFields"].is_null()
+                    && let Some(m) = obj["metadata"].as_object_mut()
+                {
+                    m.remove("managedFields");
+                }
+            }
+            obj
+        };
+        if !old["metadata"]["deletionTimestamp"].is_null() {
+            let before: BTreeSet<String> = finalizers(&old).into_iter().collect();
+            if let Some(added) = finalizers(&new).into_iter().find(|f| !before.contains(f)) {
+                return Err(ApiError::invalid(
+                    &rt.kind,
+                    &rt.group,
+                    name,
+                    vec![Cause {
+                        reason: "FieldValueForbidden".into(),
+                        message: format!(
+                            "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers []string{{\"{added}\"}}"
+                        ),
+                        field: "metadata.finalizers".into(),
+                    }],
+                ));
+            }
+        }
+        self.admit(inner, rt, &mut new, Some(&old))?;
+        // generation follows the spec (everything but metadata and status).
+        let spec_changed = {
+            let skip_status = rt.status_subresource;
+            let drop: &[&str] = if skip_status {
+                &["metadata", "status"]
+            } else {
+                &["metadata"]
+            };
+            without(&old, drop, &[]) != without(&new, drop, &[])
+        };
+        if spec_changed && !status_write {
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+            new["metadata"]["generation"] = json!(g);
+        }
+        match &opts.ownership {
+            Ownership::Update(manager) | Ownership::System(manager) => ssa::record_update(
+                rt,
+                Some(&old),
+                &mut new,
+                manager,
+                opts.subresource.as_deref(),
+            ),
+            Ownership::Applied => {}
+        }
+        new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        let unchanged =
+            without(&old, &[], &["managedFields"]) == without(&new, &[], &["managedFields"]);
+        if unchanged || opts.dry_run {
+            // A no-op write changes nothing, not even the resourceVersion, as on a real server.
+            return Ok(if unchanged { old } else { new });
+        }
+        inner.rv += 1;
+        new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        let finished =
+            !new["metadata"]["deletionTimestamp"].is_null() && finalizers(&new).is_empty();
+        inner
+            .objects
+            .entry(gr.clone())
+            .or_default()
+            .insert(key, new.clone());
+        self.emit(inner, &gr, ns, EventType::Modified, &new);
+        self.after_update(inner, rt, &new);
+        if finished {
+            self.remove_locked(inner, &gr, ns, name, Propagation::Background);
+        }
+        Ok(new)
+    }
+
+    fn delete_locked(
+        &self,
+        inner: &mut Inner,
+        gr: &GroupResource,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
+        let key = (ns.to_string(), name.to_string());
+        let Some(old) = inner.objects.get(gr).and_then(|m| m.get(&key)).cloned() else {
+            return Err(ApiError::not_found(&gr.resource, &gr.group, name));
+        };
+        if let Some(uid) = &opts.uid
+            && uid != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(
+                &gr.resource,
+                &gr.group,
+                name,
+                format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&old, "uid")
+                ),
+                vec![],
+            ));
+        }
+        if let Some(rv) = &opts.resource_version
+            && rv != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                &gr.resource,
+                &gr.group,
+                name,
+                format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    meta_str(&old, "resourceVersion")
+                ),
+                vec![],
+            ));
+        }
+        if opts.dry_run {
+            return Ok(old);
+        }
+        let is_namespace = gr.group.is_empty() && gr.resource == "namespaces";
+        if is_namespace {
+            return Ok(self.delete_namespace(inner, name, old));
+        }
+        if !finalizers(&old).is_empty() {
+            if !old["metadata"]["deletionTimestamp"].is_null() {
+                return Ok(old);
+            }
+            let mut new = old.clone();
+            new["metadata"]["deletionTimestamp"] = json!(now());
+            new["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            inner.rv += 1;
+            new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+            inner
+                .objects
+                .entry(gr.clone())
+                .or_default()
+                .insert(key, new.clone());
+            self.emit(inner, gr, ns, EventType::Modified, &new);
+            return Ok(new);
+        }
+        Ok(self
+            .remove_locked(inner, gr, ns, name, opts.propagation)
+            .unwrap_or(old))
+    }
+
+    fn delete_namespace(&self, inner: &mut Inner, name: &str, old: Value) -> Value {
+        let gr = GroupResource {
+            group: String::new(),
+            resource: "namespaces".into(),
+        };
+        let mut ns_obj = old.clone();
+        if ns_obj["metadata"]["deletionTimestamp"].is_null() {
+            ns_obj["metadata"]["deletionTimestamp"] = json!(now());
+            ns_obj["status"]["phase"] = json!("Terminating");
+            inner.rv += 1;
+            ns_obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+            inner
+                .objects
+                .entry(gr.clone())
+                .or_default()
+                .insert((String::new(), name.to_string()), ns_obj.clone());
+            self.emit(inner, &gr, "", EventType::Modified, &ns_obj);
+        }
+        let contents: Vec<(GroupResource, String)> = inner
+            .objects
+            .iter()
+            .flat_map(|(g, m)| {
+                m.keys()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, obj_name)| (g.clone(), obj_name.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (g, obj_name) in contents {
+            let _ = self.delete_locked(inner, &g, name, &obj_name, &DeleteOptions::default());
+        }
+        self.finish_namespace_if_empty(inner, name);
+        ns_obj
+    }
+
+    fn finish_namespace_if_empty(&self, inner: &mut Inner, ns: &str) {
+        let gr = GroupResource {
+            group: String::new(),
+            resource: "namespaces".into(),
+        };
+        let terminating = inner
+            .objects
+            .get(&gr)
+            .and_then(|m| m.get(&(String::new(), ns.to_string())))
+            .is_some_and(|o| !o["metadata"]["deletionTimestamp"].is_null());
+        if !terminating {
+            return;
+        }
+        let empty = inner
+            .objects
+            .values()
+            .all(|m| !m.keys().any(|(n, _)| n == ns));
+        if empty {
+            self.remove_locked(inner, &gr, "", ns, Propagation::Background);
+        }
+    }
+
+    /// Remove an object for good, then collect its dependents.
+    fn remove_locked(
+        &self,
+        inner: &mut Inner,
+        gr: &GroupResource,
+        ns: &str,
+        name: &str,
+        propagation: Propagation,
+    ) -> Option<Value> {
+        let key = (ns.to_string(), name.to_string());
+        let mut obj = inner.objects.get_mut(gr)?.remove(&key)?;
+        inner.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        self.emit(inner, gr, ns, EventType::Deleted, &obj);
+        self.after_remove(inner, gr, &obj);
+        let uid = meta_str(&obj, "uid").to_string();
+        self.collect_dependents(inner, &uid, propagation);
+        if !ns.is_empty() {
+            self.finish_namespace_if_empty(inner, ns);
+        }
+        Some(obj)
+    }
+
+    /// Garbage collection: dependents whose owners are all gone are deleted (background
+    /// cascade); with Orphan they only lose the reference.
+    fn collect_dependents(&self, inner: &mut Inner, uid: &str, propagation: Propagation) {
+        if uid.is_empty() {
+            return;
+        }
+        let live_uids: BTreeSet<String> = inner
+            .objects
+            .values()
+            .flat_map(|m| m.values().map(|o| meta_str(o, "uid").to_string()))
+            .collect();
+        let dependents: Vec<(GroupResource, String, String, bool)> = inner
+            .objects
+            .iter()
+            .flat_map(|(g, m)| {
+                m.iter()
+                    .filter_map(|((n, name), o)| {
+                        let owners = o["metadata"]["ownerReferences"].as_array()?;
+                        if !owners.iter().any(|r| r["uid"].as_str() == Some(uid)) {
+                            return None;
+                        }
+                        let orphaned = owners
+                            .iter()
+                            .all(|r| !live_uids.contains(r["uid"].as_str().unwrap_or_default()));
+                        Some((g.clone(), n.clone(), name.clone(), orphaned))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (g, n, name, orphaned) in dependents {
+            if propagation == Propagation::Orphan {
+                let key = (n.clone(), name.clone());
+                let Some(mut o) = inner.objects.get(&g).and_then(|m| m.get(&key)).cloned() else {
+                    continue;
+                };
+                if let Some(refs) = o["metadata"]["ownerReferences"].as_array_mut() {
+                    refs.retain(|r| r["uid"].as_str() != Some(uid));
+                    if refs.is_empty()
+                        && let Some(m) = o["metadata"].as_object_mut()
+                    {
+                        m.remove("ownerReferences");
+                    }
+                }
+                inner.rv += 1;
+                o["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+                inner
+                    .objects
+                    .entry(g.clone())
+                    .or_default()
+                    .insert(key, o.clone());
+                self.emit(inner, &g, &n, EventType::Modified, &o);
+            } else if orphaned {
+                let _ = self.delete_locked(inner, &g, &n, &name, &DeleteOptions::default());
+            }
+        }
+    }
+
+    /// Defaults and validation on every write.
+    fn admit(
+        &self,
+        inner: &mut Inner,
+        rt: &ResourceType,
+        obj: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<(), ApiError> {
+        let name = meta_str(obj, "name").to_string();
+        if rt.custom {
+            if let Some(schema) = &rt.schema {
+                let causes = schema.admit(obj, old);
+                if !causes.is_empty() {
+                    return Err(ApiError::invalid(&rt.kind, &rt.group, &name, causes));
+                }
+            }
+            return Ok(());
+        }
+        match (rt.group.as_str(), rt.kind.as_str()) {
+            ("", "Namespace") => {
+                if obj["metadata"]["deletionTimestamp"].is_null() {
+                    obj["status"]["phase"] = json!("Active");
+                }
+                if obj["metadata"]["labels"]["kubernetes.io/metadata.name"].is_null() {
+                    obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+                }
+            }
+            ("", "Secret") => {
+                if obj["type"].is_null() {
+                    obj["type"] = json!("Opaque");
+                }
+                if let Some(string_data) = obj.as_object_mut().and_then(|m| m.remove("stringData"))
+                {
+                    for (k, v) in string_data.as_object().cloned().unwrap_or_default() {
+                        let text = v.as_str().unwrap_or_default();
+                        obj["data"][k] =
+                            json!(base64::engine::general_purpose::STANDARD.encode(text));
+                    }
+                }
+            }
+            ("", "Service") => {
+                if obj["spec"]["type"].is_null() {
+                    obj["spec"]["type"] = json!("ClusterIP");
+                }
+                if obj["spec"]["clusterIP"].is_null() {
+                    let n = inner.next_cluster_ip;
+                    inner.next_cluster_ip += 1;
+                    let ip = format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff);
+                    obj["spec"]["clusterIP"] = json!(ip);
+                    obj["spec"]["clusterIPs"] = json!([ip]);
+                }
+                default_protocols(obj["spec"]["ports"].as_array_mut());
+            }
+            ("", "Pod") => {
+                if obj["status"]["phase"].is_null() {
+                    obj["status"]["phase"] = json!("Pending");
+                }
+                default_pod_spec(&mut obj["spec"]);
+            }
+            ("apps", "StatefulSet") | ("apps", "Deployment") | ("apps", "ReplicaSet") => {
+                if obj["spec"]["replicas"].is_null() {
+                    obj["spec"]["replicas"] = json!(1);
+                }
+                if rt.kind == "StatefulSet" && obj["spec"]["podManagementPolicy"].is_null() {
+                    obj["spec"]["podManagementPolicy"] = json!("OrderedReady");
+                }
+                default_pod_spec(&mut obj["spec"]["template"]["spec"]);
+            }
+            ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+                let mut probe = inner.registry.clone();
+                if let Err(e) = probe.register_crd(obj) {
+                    return Err(ApiError::invalid(
+                        &rt.kind,
+                        &rt.group,
+                        &name,
+                        vec![Cause {
+                            reason: "FieldValueInvalid".into(),
+                            message: format!("spec: Invalid value: {e}"),
+                            field: "spec".into(),
+                        }],
+                    ));
+                }
+                let names = obj["spec"]["names"].clone();
+                let versions: Vec<Value> = obj["spec"]["versions"]
+                    .as_array()
+                    .map(|vs| {
+                        vs.iter()
+                            .filter(|v| v["storage"] == json!(true))
+                            .map(|v| v["name"].clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let t = old
+                    .and_then(|o| {
+                        o["status"]["conditions"][0]["lastTransitionTime"]
+                            .as_str()
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_else(now);
+                obj["status"] = json!({
+                    "acceptedNames": names,
+                    "storedVersions": versions,
+                    "conditions": [
+                        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": t},
+                        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": t},
+                    ],
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn after_create(&self, inner: &mut Inner, rt: &ResourceType, obj: &Value) {
+        match (rt.group.as_str(), rt.kind.as_str()) {
+            ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+                let _ = inner.registry.register_crd(obj);
+            }
+            ("", "Namespace") => {
+                // The service-account controller gives every namespace a `default` account.
+                let name = meta_str(obj, "name").to_string();
+                if let Some(sa) = inner.registry.get("", "v1", "serviceaccounts").cloned() {
+                    let _ = self.create_locked(
+                        inner,
+                        &sa,
+                        &name,
+                        json!({"metadata": {"name": "default"}}),
+                        &WriteOptions::system("devcluster"),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn after_update(&self, inner: &mut Inner, rt: &ResourceType, obj: &Value) {
+        if rt.group == "apiextensions.k8s.io" && rt.kind == "CustomResourceDefinition" {
+            let _ = inner.registry.register_crd(obj);
+        }
+    }
+
+    fn after_remove(&self, inner: &mut Inner, gr: &GroupResource, obj: &Value) {
+        if gr.group == "apiextensions.k8s.io" && gr.resource == "customresourcedefinitions" {
+            let name = meta_str(obj, "name").to_string();
+            inner.registry.unregister_crd(&name);
+            let target = GroupResource {
+                group: obj["spec"]["group"].as_str().unwrap_or_default().into(),
+                resource: obj["spec"]["names"]["plural"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .into(),
+            };
+            let keys: Vec<ObjKey> = inner
+                .objects
+                .get(&target)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            for (n, name) in keys {
+                self.remove_locked(inner, &target, &n, &name, Propagation::Background);
+            }
+        }
+    }
+}
+
+fn default_protocols(ports: Option<&mut Vec<Value>>) {
+    for p in ports.into_iter().flatten() {
+        if p["protocol"].is_null() {
+            p["protocol"] = json!("TCP");
+        }
+    }
+}
+
+fn default_pod_spec(spec: &mut Value) {
+    if !spec.is_object() {
+        return;
+    }
+    for list in ["containers", "initContainers"] {
+        for c in spec[list].as_array_mut().into_iter().flatten() {
+            default_protocols(c["ports"].as_array_mut());
+        }
+    }
+    if spec["restartPolicy"].is_null() {
+        spec["restartPolicy"] = json!("Always");
+    }
+}
+
+/// The object as served at a version: storage holds one copy per group/resource, and the
+/// versions of a CRD share it without conversion (apiVersion is rewritten).
+pub fn with_version(obj: &Value, rt: &ResourceType) -> Value {
+    let mut o = obj.clone();
+    o["apiVersion"] = json!(rt.api_version());
+    o
+}
