@@ -158,8 +158,13 @@ impl Signer {
             let sig = match &k.key {
                 Key::Rsa(s) => s.sign(message),
                 Key::Ed25519(s) => s.sign(message),
+            };
+            // A message with none of the signed headers (not even From) cannot carry a
+            // meaningful signature; deliver it unsigned rather than refuse it forever.
+            if let Err(mail_auth::Error::NoHeadersFound) = sig {
+                return Ok(Vec::new());
             }
-            .map_err(|e| DkimError::Sign {
+            let sig = sig.map_err(|e| DkimError::Sign {
                 domain: domain.to_string(),
                 selector: k.selector.clone(),
                 reason: e.to_string(),
@@ -214,5 +219,11 @@ mod tests {
             .to_ascii_lowercase();
         assert_eq!(h.matches("from").count(), 2, "{h}");
         assert!(signer.sign("other.test", msg).unwrap().is_empty());
+        // A message without From is still accepted (signed over absent headers), not refused.
+        assert!(
+            signer
+                .sign("example.test", b"X-Foo: 1\r\n\r\nbody\r\n")
+                .is_ok()
+        );
     }
 }

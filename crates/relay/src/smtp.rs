@@ -288,8 +288,22 @@ impl<'a> Session<'a> {
             }
             let max = self.inb.config.max_line_length;
             let timeout = self.inb.config.idle_timeout;
-            let io = self.io()?;
-            let read = tokio::time::timeout(timeout, read_line(io, &mut line, max)).await;
+            let idle = self.mail_from.is_none();
+            let Some(io) = self.io.as_mut() else {
+                return Ok(());
+            };
+            // An idle session ends at once on shutdown so that a drain does not wait for
+            // clients that hold connections open; a transaction in progress may finish.
+            let mut shutdown = self.shutdown.clone();
+            let read = tokio::select! {
+                r = tokio::time::timeout(timeout, read_line(io, &mut line, max)) => Some(r),
+                _ = shutdown.wait_for(|s| *s), if idle => None,
+            };
+            let Some(read) = read else {
+                self.reply("421 4.3.2 Service shutting down, try again later");
+                self.flush().await?;
+                return Ok(());
+            };
             let status = match read {
                 Ok(r) => r?,
                 Err(_) => {

@@ -715,3 +715,24 @@ async fn starttls_and_auth_with_swaks_and_http_endpoints() {
     assert!(m.contains("reason=\"auth_failed\"} 1"), "{m}");
     relay.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_tells_idle_sessions_and_stops_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &[("127.0.0.2", "out2.example.test")]);
+    cfg.delivery
+        .routes
+        .insert("*".into(), SocketAddr::from(([127, 0, 0, 1], 9)));
+    let relay = Relay::start(cfg).await.unwrap();
+    let addr = relay.smtp_addr;
+    let mut c = Client::connect_from("127.0.0.1", addr).await;
+    assert!(c.cmd("EHLO c.test").await.starts_with("250"));
+    let drain = tokio::spawn(relay.shutdown(Duration::from_secs(30)));
+    let r = c.reply().await;
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    drain.await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still listening"
+    );
+}
