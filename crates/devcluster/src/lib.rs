@@ -8,6 +8,7 @@
 
 pub mod discovery;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod runner;
 pub mod selectors;

@@ -194,6 +194,7 @@ impl Runner {
             tracing::debug!(%err, "statefulset reconcile");
         }
         self.reconcile_deployments();
+        self.reconcile_pdbs();
         self.reconcile_pods();
     }
 
@@ -325,6 +326,22 @@ impl Runner {
                 ],
             });
             let _ = self.write_status(&dep_rt, &meta(&d, "namespace"), &meta(&d, "name"), status);
+        }
+    }
+
+    /// PodDisruptionBudgets: a status that reports the budget met, so `helm --wait` and
+    /// kstatus consider them current.
+    fn reconcile_pdbs(&mut self) {
+        let Some(pdb_rt) = rt(&self.store, "policy", "v1", "poddisruptionbudgets") else {
+            return;
+        };
+        let (pdbs, _) = self.store.list(&pdb_rt, None, &Selectors::default());
+        for p in pdbs {
+            let status = json!({
+                "observedGeneration": p["metadata"]["generation"],
+                "currentHealthy": 0, "desiredHealthy": 0, "expectedPods": 0, "disruptionsAllowed": 0,
+            });
+            let _ = self.write_status(&pdb_rt, &meta(&p, "namespace"), &meta(&p, "name"), status);
         }
     }
 

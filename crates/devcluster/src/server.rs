@@ -184,6 +184,9 @@ impl Req {
         if self.body.is_empty() {
             return Ok(Value::Null);
         }
+        if self.content_type.starts_with(crate::protobuf::MEDIA_TYPE) {
+            return crate::protobuf::decode(&self.body);
+        }
         if self.content_type.contains("yaml") {
             serde_yaml::from_slice::<Value>(&self.body)
                 .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))

@@ -31,10 +31,8 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     let again = c.kubectl_ok(&["apply", "-f", &repo_path("crds")]);
     assert!(again.contains("unchanged"), "{again}");
 
-    c.kubectl_stdin_ok(
-        &["apply", "-f", "-"],
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: mail\n",
-    );
+    // `kubectl create` sends protobuf (typed clientset); the server decodes it.
+    c.kubectl_ok(&["create", "namespace", "mail"]);
     let out = c.kubectl_ok(&["apply", "-f", &repo_path("examples")]);
     assert!(
         out.contains("relaypool.mailfleet.dev/transactional created"),
@@ -346,10 +344,7 @@ fn server_side_apply_conflicts_and_force() {
 #[test]
 fn finalizers_hold_deletion_and_gc_collects_dependents() {
     let c = Cluster::start();
-    c.kubectl_stdin_ok(
-        &["apply", "-f", "-"],
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: owner\ndata:\n  a: b\n",
-    );
+    c.kubectl_ok(&["create", "configmap", "owner", "--from-literal=a=b"]);
     c.kubectl_ok(&[
         "patch",
         "cm",
