@@ -166,6 +166,9 @@ impl Req {
     fn wants_table(&self) -> bool {
         self.accept.contains("as=Table")
     }
+    fn strict(&self) -> bool {
+        self.q("fieldValidation") == Some("Strict")
+    }
     fn dry_run(&self) -> bool {
         self.q("dryRun") == Some("All")
     }
@@ -382,6 +385,7 @@ fn resource(
                 ownership: Ownership::Update(r.manager()),
                 subresource: None,
                 dry_run: r.dry_run(),
+                strict: r.strict(),
             };
             let obj = store.create(rt, nsr, r.body_json()?, &opts)?;
             Ok(json_response(201, &obj))
@@ -391,6 +395,7 @@ fn resource(
                 ownership: Ownership::Update(r.manager()),
                 subresource: sub,
                 dry_run: r.dry_run(),
+                strict: r.strict(),
             };
             let obj = store.update(rt, nsr, &name, r.body_json()?, &opts)?;
             Ok(json_response(200, &obj))
@@ -558,6 +563,7 @@ fn patch_request(
             ownership: Ownership::Applied,
             subresource: sub.clone(),
             dry_run,
+            strict: r.strict(),
         };
         let mut created = false;
         let obj = store.modify(rt, ns, name, &opts, |current| {
@@ -596,6 +602,7 @@ fn patch_request(
         }
     };
     let opts = WriteOptions {
+        strict: r.strict(),
         ownership: Ownership::Update(manager),
         subresource: sub,
         dry_run,
@@ -814,6 +821,7 @@ fn scale(
         ownership: Ownership::Update(r.manager()),
         subresource: None,
         dry_run: r.dry_run(),
+        strict: false,
     };
     let obj = store.modify(rt, ns, name, &opts, |current| {
         let Some(current) = current else {

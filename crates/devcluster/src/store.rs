@@ -78,6 +78,9 @@ pub struct WriteOptions {
     pub subresource: Option<String>,
     /// `dryRun=All`: validate and answer, store nothing.
     pub dry_run: bool,
+    /// `fieldValidation=Strict`: refuse fields a custom resource's schema does not declare
+    /// (otherwise they are pruned silently).
+    pub strict: bool,
 }
 
 impl WriteOptions {
@@ -87,6 +90,7 @@ impl WriteOptions {
             ownership: Ownership::System(manager.into()),
             subresource: None,
             dry_run: false,
+            strict: false,
         }
     }
 }
@@ -594,7 +598,7 @@ impl Store {
         if rt.custom || obj.get("spec").is_some() {
             obj["metadata"]["generation"] = json!(1);
         }
-        self.admit(inner, rt, &mut obj, None)?;
+        self.admit(inner, rt, &mut obj, None, opts.strict)?;
         match &opts.ownership {
             Ownership::Update(manager) | Ownership::System(manager) => {
                 ssa::record_update(rt, None, &mut obj, manager, opts.subresource.as_deref())
@@ -722,7 +726,7 @@ impl Store {
                 ));
             }
         }
-        self.admit(inner, rt, &mut new, Some(&old))?;
+        self.admit(inner, rt, &mut new, Some(&old), opts.strict)?;
         // generation follows the spec (everything but metadata and status).
         let spec_changed = {
             let skip_status = rt.status_subresource;
@@ -984,11 +988,30 @@ impl Store {
         rt: &ResourceType,
         obj: &mut Value,
         old: Option<&Value>,
+        strict: bool,
     ) -> Result<(), ApiError> {
         let name = meta_str(obj, "name").to_string();
         if rt.custom {
             if let Some(schema) = &rt.schema {
+                let before = strict.then(|| obj.clone());
                 let causes = schema.admit(obj, old);
+                if let Some(before) = before {
+                    let mut unknown = Vec::new();
+                    pruned_paths(&before, obj, "", &mut unknown);
+                    if !unknown.is_empty() {
+                        let list: Vec<String> = unknown
+                            .iter()
+                            .map(|p| format!("unknown field \"{p}\""))
+                            .collect();
+                        return Err(ApiError::bad_request(format!(
+                            "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                            rt.kind,
+                            rt.version,
+                            rt.kind,
+                            list.join(", ")
+                        )));
+                    }
+                }
                 if !causes.is_empty() {
                     return Err(ApiError::invalid(&rt.kind, &rt.group, &name, causes));
                 }
@@ -1138,6 +1161,34 @@ impl Store {
                 self.remove_locked(inner, &target, &n, &name, Propagation::Background);
             }
         }
+    }
+}
+
+/// Paths of fields present in `before` but gone from `after` (what pruning removed).
+fn pruned_paths(before: &Value, after: &Value, prefix: &str, out: &mut Vec<String>) {
+    match (before, after) {
+        (Value::Object(b), Value::Object(a)) => {
+            for (k, v) in b {
+                if prefix.is_empty() && (k == "metadata" || k == "apiVersion" || k == "kind") {
+                    continue;
+                }
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match a.get(k) {
+                    Some(av) => pruned_paths(v, av, &path, out),
+                    None => out.push(path),
+                }
+            }
+        }
+        (Value::Array(b), Value::Array(a)) => {
+            for (i, (bv, av)) in b.iter().zip(a).enumerate() {
+                pruned_paths(bv, av, &format!("{prefix}[{i}]"), out);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -197,6 +197,25 @@ spec:
         stderr.contains("hourlyLimit cannot exceed dailyLimit"),
         "the CEL rule's message reaches the user: {stderr}"
     );
+    // kubectl asks for strict field validation: an unknown field is refused, not dropped.
+    let typo = "apiVersion: mailfleet.dev/v1alpha1\nkind: WarmupPlan\nmetadata:\n  name: typo\nspec:\n  stages:\n  - dailyLimit: 100\n  stagez: []\n";
+    let out = c.kubectl_stdin(&["apply", "-f", "-"], typo);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("unknown field \"spec.stagez\""),
+        "{stderr}"
+    );
+    let out = c.kubectl_stdin(&["apply", "--validate=false", "-f", "-"], typo);
+    assert!(
+        out.status.success(),
+        "without validation the field is pruned: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = c.kubectl_ok(&["get", "warmupplan", "typo", "-o", "jsonpath={.spec}"]);
+    assert!(
+        !spec.contains("stagez") && spec.contains("dailyLimit"),
+        "{spec}"
+    );
     let empty = "apiVersion: mailfleet.dev/v1alpha1\nkind: WarmupPlan\nmetadata:\n  name: empty\nspec:\n  stages: []\n";
     let out = c.kubectl_stdin(&["apply", "-f", "-"], empty);
     let stderr = String::from_utf8_lossy(&out.stderr);
