@@ -154,6 +154,7 @@ impl DevCluster {
             server_address: https_addr.to_string(),
             bookmark_interval: config.bookmark_interval,
             shutdown: shutdown_rx.clone(),
+            pod_logs: config.dir.join("pods"),
         });
         let mut tasks = vec![tokio::spawn(server::serve_tls(
             https,

@@ -47,6 +47,8 @@ pub struct ServerState {
     pub bookmark_interval: Duration,
     /// Flips to true on shutdown; watch streams end.
     pub shutdown: watch::Receiver<bool>,
+    /// Where the pod runner writes process output (`<ns>_<pod>.log`), served by `pods/<name>/log`.
+    pub pod_logs: std::path::PathBuf,
 }
 
 /// Serve HTTPS on `listener` until shutdown.
@@ -331,6 +333,13 @@ fn route(r: &Req, path: &str, state: &Arc<ServerState>) -> Result<Response<Body>
     if let Some(sub) = &sub
         && !(sub == "status" && rt.status_subresource)
     {
+        if sub == "log"
+            && rt.group.is_empty()
+            && rt.plural == "pods"
+            && let Some(name) = &name
+        {
+            return pod_log(r, state, ns.as_deref().unwrap_or_default(), name);
+        }
         if sub == "scale"
             && has_scale(&rt)
             && let Some(name) = &name
@@ -853,4 +862,39 @@ fn scale(
         Ok(new)
     })?;
     Ok(json_response(200, &scale_of(&obj)))
+}
+
+/// `pods/<name>/log`: the output of the pod's processes so far (`tailLines` honoured; `follow`
+/// returns what exists now). Pods without a process have an empty log.
+fn pod_log(
+    r: &Req,
+    state: &Arc<ServerState>,
+    ns: &str,
+    name: &str,
+) -> Result<Response<Body>, ApiError> {
+    let reg = state.store.registry();
+    let rt = reg
+        .get("", "v1", "pods")
+        .ok_or_else(|| ApiError::no_route("pods"))?;
+    state.store.get(rt, ns, name)?;
+    let text = std::fs::read_to_string(state.pod_logs.join(format!("{ns}_{name}.log")))
+        .unwrap_or_default();
+    let text = match r.q("tailLines").and_then(|n| n.parse::<usize>().ok()) {
+        Some(n) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(n);
+            let mut t = lines[start..].join("\n");
+            if !t.is_empty() {
+                t.push('\n');
+            }
+            t
+        }
+        None => text,
+    };
+    let mut resp = Response::new(full(text));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    Ok(resp)
 }

@@ -30,6 +30,7 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
+print("stand-in relay listening on", ip, flush=True)
 http.server.HTTPServer((ip, 8080), H).serve_forever()
 "#;
 
@@ -155,6 +156,13 @@ fn statefulset_pods_run_as_processes() {
     assert_eq!(
         env["argv"],
         serde_json::json!(["relay", "--listen", "$(POD_IP)"])
+    );
+
+    // The process's output is the pod's log.
+    let logs = c.kubectl_ok(&["logs", "relay-0"]);
+    assert!(
+        logs.contains(&format!("stand-in relay listening on {ip0}")),
+        "{logs}"
     );
 
     // A crash restarts the process and counts a restart, as the kubelet does.

@@ -131,3 +131,131 @@ async fn watcher_sees_events_in_order_and_recovers_from_410() {
     task.abort();
     dc.shutdown().await;
 }
+
+/// What an operator does through kube-rs: register the CRDs, server-side apply a custom
+/// resource and its status on `/status`, and meet 409s on a stale replace and on an apply
+/// that changes a field another manager owns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_server_side_apply_status_and_conflicts() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let dc = DevCluster::start(Config::new(dir.path())).await.unwrap();
+    let kubeconfig = Kubeconfig::read_from(&dc.kubeconfig).unwrap();
+    let client_config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+    let client = Client::try_from(client_config).unwrap();
+
+    let crd_yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../crds/warmupplans.mailfleet.dev.yaml"),
+    )
+    .unwrap();
+    let crd: DynamicObject = serde_yaml::from_str(&crd_yaml).unwrap();
+    let crd_ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+        "customresourcedefinitions",
+    );
+    let crds: Api<DynamicObject> = Api::all_with(client.clone(), &crd_ar);
+    crds.patch(
+        "warmupplans.mailfleet.dev",
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap();
+
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("mailfleet.dev", "v1alpha1", "WarmupPlan"),
+        "warmupplans",
+    );
+    let plans: Api<DynamicObject> = Api::namespaced_with(client, "default", &ar);
+    let plan = |limit: i64| {
+        json!({"apiVersion": "mailfleet.dev/v1alpha1", "kind": "WarmupPlan", "metadata": {"name": "p"},
+            "spec": {"stages": [{"dailyLimit": limit}]}})
+    };
+    let created = plans
+        .patch(
+            "p",
+            &PatchParams::apply("operator"),
+            &Patch::Apply(plan(100)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+
+    // Status through the status subresource, by SSA: generation does not move.
+    let status = json!({"apiVersion": "mailfleet.dev/v1alpha1", "kind": "WarmupPlan", "metadata": {"name": "p"},
+        "status": {"observedGeneration": 1}});
+    let after = plans
+        .patch_status(
+            "p",
+            &PatchParams::apply("operator").force(),
+            &Patch::Apply(status),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.metadata.generation, Some(1));
+    assert_eq!(after.data["status"]["observedGeneration"], json!(1));
+
+    // Another manager changing an owned field conflicts unless forced.
+    let err = plans
+        .patch(
+            "p",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(plan(200)),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(status) => {
+            assert_eq!(status.code, 409);
+            assert!(
+                status.message.contains("conflict with \"operator\""),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("expected a 409, got {other}"),
+    }
+    let forced = plans
+        .patch(
+            "p",
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(plan(200)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.metadata.generation, Some(2));
+
+    // A replace carrying an old resourceVersion is refused.
+    let mut stale = created.clone();
+    stale.data["spec"]["stages"][0]["dailyLimit"] = json!(300);
+    let err = plans
+        .replace("p", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409 && s.reason == "Conflict"),
+        "{err}"
+    );
+
+    // Schema validation reaches kube-rs as a 422 with causes.
+    let err = plans
+        .patch(
+            "p",
+            &PatchParams::apply("someone-else").force(),
+            &Patch::Apply(plan(-1)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.reason == "Invalid"),
+        "{err}"
+    );
+
+    dc.shutdown().await;
+}
