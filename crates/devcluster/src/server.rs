@@ -26,7 +26,7 @@ use crate::selectors::{FieldSelector, LabelSelector, Selectors};
 use crate::ssa;
 use crate::status::{self, ApiError};
 use crate::store::{
-    DeleteOptions, EventType, Ownership, Propagation, Store, StoredEvent, WatchStart, WriteOptions,
+    DeleteOptions, Ownership, Propagation, Store, StoredEvent, WatchStart, WriteOptions,
     with_version,
 };
 use crate::table;
@@ -704,8 +704,9 @@ fn watch(
         };
         let mut last = 0u64;
         for ev in &feed.initial {
+            let type_ = ev.seen_through(&sel).unwrap_or(ev.type_);
             if tx
-                .send(encode(ev.type_.as_str(), &with_version(&ev.object, &rt)))
+                .send(encode(type_.as_str(), &with_version(&ev.object, &rt)))
                 .await
                 .is_err()
             {
@@ -743,21 +744,15 @@ fn watch(
                 _ = tx.closed() => return,
             };
             seen = seen.max(ev.rv);
-            if ev.rv <= last
-                || ev.gr != gr
-                || ns.as_deref().is_some_and(|n| n != ev.namespace)
-                || !sel.matches(&ev.object)
-            {
+            if ev.rv <= last || ev.gr != gr || ns.as_deref().is_some_and(|n| n != ev.namespace) {
                 continue;
             }
-            last = ev.rv;
-            let type_ = match ev.type_ {
-                EventType::Added => "ADDED",
-                EventType::Modified => "MODIFIED",
-                EventType::Deleted => "DELETED",
+            let Some(type_) = ev.seen_through(&sel) else {
+                continue;
             };
+            last = ev.rv;
             if tx
-                .send(encode(type_, &with_version(&ev.object, &rt)))
+                .send(encode(type_.as_str(), &with_version(&ev.object, &rt)))
                 .await
                 .is_err()
             {

@@ -56,6 +56,29 @@ pub struct StoredEvent {
     pub type_: EventType,
     /// The object after the change (before removal, for DELETED).
     pub object: Value,
+    /// For MODIFIED: the object before the change, so that selector watches can turn a
+    /// change into ADDED or DELETED when the object enters or leaves the selection.
+    pub previous: Option<Value>,
+}
+
+impl StoredEvent {
+    /// The event as a watcher with `sel` sees it, if at all: an object entering the
+    /// selection is ADDED, one leaving it is DELETED, as on a real API server.
+    pub fn seen_through(&self, sel: &Selectors) -> Option<EventType> {
+        let now = sel.matches(&self.object);
+        match self.type_ {
+            EventType::Added | EventType::Deleted => now.then_some(self.type_),
+            EventType::Modified => {
+                let before = self.previous.as_ref().map_or(now, |p| sel.matches(p));
+                match (before, now) {
+                    (true, true) => Some(EventType::Modified),
+                    (false, true) => Some(EventType::Added),
+                    (true, false) => Some(EventType::Deleted),
+                    (false, false) => None,
+                }
+            }
+        }
+    }
 }
 
 /// How a write records field ownership.
@@ -348,7 +371,7 @@ impl Store {
                     .iter()
                     .filter(|e| e.rv > from && e.gr == gr)
                     .filter(|e| ns.is_none_or(|n| n == e.namespace))
-                    .filter(|e| sel.matches(&e.object))
+                    .filter(|e| e.seen_through(sel).is_some())
                     .cloned()
                     .collect()
             }
@@ -366,6 +389,7 @@ impl Store {
                                 namespace: n.clone(),
                                 type_: EventType::Added,
                                 object: o.clone(),
+                                previous: None,
                             })
                         })
                         .collect()
@@ -476,13 +500,22 @@ impl Store {
 
     // ---- internals -------------------------------------------------------------------------
 
-    fn emit(&self, inner: &mut Inner, gr: &GroupResource, ns: &str, type_: EventType, obj: &Value) {
+    fn emit(
+        &self,
+        inner: &mut Inner,
+        gr: &GroupResource,
+        ns: &str,
+        type_: EventType,
+        obj: &Value,
+        previous: Option<&Value>,
+    ) {
         let event = Arc::new(StoredEvent {
             rv: inner.rv,
             gr: gr.clone(),
             namespace: ns.to_string(),
             type_,
             object: obj.clone(),
+            previous: previous.cloned(),
         });
         inner.log.push_back(event.clone());
         while inner.log.len() > inner.history {
@@ -615,7 +648,7 @@ impl Store {
             .entry(gr.clone())
             .or_default()
             .insert(key, obj.clone());
-        self.emit(inner, &gr, ns, EventType::Added, &obj);
+        self.emit(inner, &gr, ns, EventType::Added, &obj, None);
         self.after_create(inner, rt, &obj);
         Ok(obj)
     }
@@ -767,7 +800,7 @@ impl Store {
             .entry(gr.clone())
             .or_default()
             .insert(key, new.clone());
-        self.emit(inner, &gr, ns, EventType::Modified, &new);
+        self.emit(inner, &gr, ns, EventType::Modified, &new, Some(&old));
         self.after_update(inner, rt, &new);
         if finished {
             self.remove_locked(inner, &gr, ns, name, Propagation::Background);
@@ -836,7 +869,7 @@ impl Store {
                 .entry(gr.clone())
                 .or_default()
                 .insert(key, new.clone());
-            self.emit(inner, gr, ns, EventType::Modified, &new);
+            self.emit(inner, gr, ns, EventType::Modified, &new, Some(&old));
             return Ok(new);
         }
         Ok(self
@@ -860,7 +893,7 @@ impl Store {
                 .entry(gr.clone())
                 .or_default()
                 .insert((String::new(), name.to_string()), ns_obj.clone());
-            self.emit(inner, &gr, "", EventType::Modified, &ns_obj);
+            self.emit(inner, &gr, "", EventType::Modified, &ns_obj, Some(&old));
         }
         let contents: Vec<(GroupResource, String)> = inner
             .objects
@@ -914,7 +947,7 @@ impl Store {
         let mut obj = inner.objects.get_mut(gr)?.remove(&key)?;
         inner.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        self.emit(inner, gr, ns, EventType::Deleted, &obj);
+        self.emit(inner, gr, ns, EventType::Deleted, &obj, None);
         self.after_remove(inner, gr, &obj);
         let uid = meta_str(&obj, "uid").to_string();
         self.collect_dependents(inner, &uid, propagation);
@@ -959,6 +992,7 @@ impl Store {
                 let Some(mut o) = inner.objects.get(&g).and_then(|m| m.get(&key)).cloned() else {
                     continue;
                 };
+                let previous = o.clone();
                 if let Some(refs) = o["metadata"]["ownerReferences"].as_array_mut() {
                     refs.retain(|r| r["uid"].as_str() != Some(uid));
                     if refs.is_empty()
@@ -974,7 +1008,7 @@ impl Store {
                     .entry(g.clone())
                     .or_default()
                     .insert(key, o.clone());
-                self.emit(inner, &g, &n, EventType::Modified, &o);
+                self.emit(inner, &g, &n, EventType::Modified, &o, Some(&previous));
             } else if orphaned {
                 let _ = self.delete_locked(inner, &g, &n, &name, &DeleteOptions::default());
             }
@@ -1220,4 +1254,129 @@ pub fn with_version(obj: &Value, rt: &ResourceType) -> Value {
     let mut o = obj.clone();
     o["apiVersion"] = json!(rt.api_version());
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selectors::LabelSelector;
+
+    fn configmaps(store: &Store) -> ResourceType {
+        store
+            .registry()
+            .get("", "v1", "configmaps")
+            .cloned()
+            .unwrap_or_else(|| unreachable!())
+    }
+
+    fn update_opts() -> WriteOptions {
+        WriteOptions {
+            ownership: Ownership::Update("test".into()),
+            subresource: None,
+            dry_run: false,
+            strict: false,
+        }
+    }
+
+    #[test]
+    fn selector_watch_sees_objects_enter_and_leave() {
+        let store = Store::new(100);
+        let rt = configmaps(&store);
+        let from = store.resource_version();
+        let cm = json!({"metadata": {"name": "a", "labels": {"app": "x"}}});
+        assert!(store.create(&rt, "default", cm, &update_opts()).is_ok());
+        let relabel = |app: &str| json!({"metadata": {"name": "a", "labels": {"app": app}}});
+        assert!(
+            store
+                .update(&rt, "default", "a", relabel("y"), &update_opts())
+                .is_ok()
+        );
+        assert!(
+            store
+                .update(&rt, "default", "a", relabel("x"), &update_opts())
+                .is_ok()
+        );
+        let sel = Selectors {
+            labels: LabelSelector::parse("app=x").unwrap_or_default(),
+            ..Selectors::default()
+        };
+        let feed = store.watch(&rt, Some("default"), &sel, WatchStart::After(from));
+        let types: Vec<Option<EventType>> = feed
+            .map(|f| f.initial.iter().map(|e| e.seen_through(&sel)).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            types,
+            vec![
+                Some(EventType::Added),
+                Some(EventType::Deleted),
+                Some(EventType::Added)
+            ]
+        );
+    }
+
+    #[test]
+    fn stale_update_conflicts_and_noop_keeps_resource_version() {
+        let store = Store::new(100);
+        let rt = configmaps(&store);
+        let created = store.create(
+            &rt,
+            "default",
+            json!({"metadata": {"name": "a"}, "data": {"k": "1"}}),
+            &update_opts(),
+        );
+        let Ok(created) = created else { unreachable!() };
+        let mut changed = created.clone();
+        changed["data"]["k"] = json!("2");
+        assert!(
+            store
+                .update(&rt, "default", "a", changed.clone(), &update_opts())
+                .is_ok()
+        );
+        // The same body again carries the old resourceVersion: 409.
+        let err = store
+            .update(&rt, "default", "a", changed, &update_opts())
+            .err();
+        assert_eq!(err.map(|e| e.code), Some(409));
+        // A write that changes nothing keeps the resourceVersion.
+        let Ok(current) = store.get(&rt, "default", "a") else {
+            unreachable!()
+        };
+        let again = store.update(&rt, "default", "a", current.clone(), &update_opts());
+        assert_eq!(
+            again.map(|o| o["metadata"]["resourceVersion"].clone()).ok(),
+            Some(current["metadata"]["resourceVersion"].clone())
+        );
+    }
+
+    #[test]
+    fn watch_from_compacted_history_is_gone() {
+        let store = Store::new(100);
+        let rt = configmaps(&store);
+        let from = store.resource_version();
+        assert!(
+            store
+                .create(
+                    &rt,
+                    "default",
+                    json!({"metadata": {"name": "a"}}),
+                    &update_opts()
+                )
+                .is_ok()
+        );
+        store.compact();
+        assert!(
+            store
+                .create(
+                    &rt,
+                    "default",
+                    json!({"metadata": {"name": "b"}}),
+                    &update_opts()
+                )
+                .is_ok()
+        );
+        let err = store
+            .watch(&rt, None, &Selectors::default(), WatchStart::After(from))
+            .err();
+        assert_eq!(err.map(|e| e.code), Some(410));
+    }
 }
