@@ -243,7 +243,9 @@ impl Runner {
                 if !parallel && !predecessors_ready {
                     break;
                 }
-                let pod = pod_from_template(&sts, i, &hash);
+                let Some(pod) = pod_from_template(&sts, i, &hash) else {
+                    break;
+                };
                 self.store
                     .create(
                         &pod_rt,
@@ -442,7 +444,11 @@ impl Runner {
     }
 }
 
-fn pod_from_template(sts: &Value, ordinal: usize, hash: &str) -> Value {
+fn pod_from_template(sts: &Value, ordinal: usize, hash: &str) -> Option<Value> {
+    // Built-in objects are stored unvalidated: skip a template that is not shaped like one.
+    if !sts["spec"]["template"]["spec"].is_object() {
+        return None;
+    }
     let name = meta(sts, "name");
     let pod_name = format!("{name}-{ordinal}");
     let template = &sts["spec"]["template"];
@@ -469,7 +475,7 @@ fn pod_from_template(sts: &Value, ordinal: usize, hash: &str) -> Value {
     if template["metadata"]["annotations"].is_object() {
         metadata["annotations"] = template["metadata"]["annotations"].clone();
     }
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
+    Some(json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}))
 }
 
 /// What one container runs as a process.

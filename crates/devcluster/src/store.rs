@@ -564,11 +564,7 @@ impl Store {
         mut obj: Value,
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
-        if !obj.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request must be an object",
-            ));
-        }
+        check_shape(&obj)?;
         let ns = if rt.namespaced { ns } else { "" };
         let body_ns = meta_str(&obj, "namespace");
         if rt.namespaced && !body_ns.is_empty() && body_ns != ns {
@@ -668,11 +664,7 @@ impl Store {
         let Some(old) = inner.objects.get(&gr).and_then(|m| m.get(&key)).cloned() else {
             return Err(ApiError::not_found(&rt.plural, &rt.group, name));
         };
-        if !obj.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request must be an object",
-            ));
-        }
+        check_shape(&obj)?;
         let body_name = meta_str(&obj, "name");
         if !body_name.is_empty() && body_name != name {
             return Err(ApiError::bad_request(format!(
@@ -1094,6 +1086,14 @@ impl Store {
                 default_pod_spec(&mut obj["spec"]);
             }
             ("apps", "StatefulSet") | ("apps", "Deployment") | ("apps", "ReplicaSet") => {
+                let template = &obj["spec"]["template"];
+                if !(template.is_null() || template.is_object())
+                    || !(template["spec"].is_null() || template["spec"].is_object())
+                {
+                    return Err(ApiError::bad_request(
+                        "spec.template and spec.template.spec must be objects",
+                    ));
+                }
                 if obj["spec"]["replicas"].is_null() {
                     obj["spec"]["replicas"] = json!(1);
                 }
@@ -1198,6 +1198,45 @@ impl Store {
     }
 }
 
+/// Refuse bodies whose well-known fields have the wrong JSON type, before any code relies on
+/// them being objects (metadata, labels, annotations, spec, status).
+fn check_shape(obj: &Value) -> Result<(), ApiError> {
+    let bad = |what: &str| ApiError::bad_request(format!("{what} must be an object"));
+    if !obj.is_object() {
+        return Err(bad("the body of the request"));
+    }
+    let meta = &obj["metadata"];
+    if !(meta.is_null() || meta.is_object()) {
+        return Err(bad("metadata"));
+    }
+    for field in ["labels", "annotations"] {
+        let v = &meta[field];
+        if !(v.is_null()
+            || v.as_object()
+                .is_some_and(|m| m.values().all(Value::is_string)))
+        {
+            return Err(ApiError::bad_request(format!(
+                "metadata.{field} must be a map of strings"
+            )));
+        }
+    }
+    for field in ["finalizers", "ownerReferences", "managedFields"] {
+        let v = &meta[field];
+        if !(v.is_null() || v.is_array()) {
+            return Err(ApiError::bad_request(format!(
+                "metadata.{field} must be a list"
+            )));
+        }
+    }
+    for field in ["spec", "status"] {
+        let v = &obj[field];
+        if !(v.is_null() || v.is_object()) {
+            return Err(bad(field));
+        }
+    }
+    Ok(())
+}
+
 /// Paths of fields present in `before` but gone from `after` (what pruning removed).
 fn pruned_paths(before: &Value, after: &Value, prefix: &str, out: &mut Vec<String>) {
     match (before, after) {
@@ -1227,7 +1266,7 @@ fn pruned_paths(before: &Value, after: &Value, prefix: &str, out: &mut Vec<Strin
 }
 
 fn default_protocols(ports: Option<&mut Vec<Value>>) {
-    for p in ports.into_iter().flatten() {
+    for p in ports.into_iter().flatten().filter(|p| p.is_object()) {
         if p["protocol"].is_null() {
             p["protocol"] = json!("TCP");
         }
@@ -1239,7 +1278,12 @@ fn default_pod_spec(spec: &mut Value) {
         return;
     }
     for list in ["containers", "initContainers"] {
-        for c in spec[list].as_array_mut().into_iter().flatten() {
+        for c in spec[list]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .filter(|c| c.is_object())
+        {
             default_protocols(c["ports"].as_array_mut());
         }
     }
