@@ -14,6 +14,37 @@ fn repo_path(p: &str) -> String {
     repo_root().join(p).display().to_string()
 }
 
+/// The first RelayPool of examples/ (name, namespace) and every namespace the examples use
+/// other than `default`.
+fn example_pool() -> (String, String, Vec<String>) {
+    let mut pool = None;
+    let mut namespaces = std::collections::BTreeSet::new();
+    let mut files: Vec<_> = std::fs::read_dir(repo_root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            let ns = v["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            if ns != "default" {
+                namespaces.insert(ns.clone());
+            }
+            if v["kind"] == "RelayPool" && pool.is_none() {
+                pool = Some((v["metadata"]["name"].as_str().unwrap().to_string(), ns));
+            }
+        }
+    }
+    let (name, ns) = pool.expect("examples/ has a RelayPool");
+    (name, ns, namespaces.into_iter().collect())
+}
+
 #[test]
 fn apply_crds_and_examples_then_get_describe_patch_delete() {
     let c = Cluster::start();
@@ -32,31 +63,36 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     assert!(again.contains("unchanged"), "{again}");
 
     // `kubectl create` sends protobuf (typed clientset); the server decodes it.
-    c.kubectl_ok(&["create", "namespace", "mail"]);
+    // Names come from the examples themselves, so the test follows them when they change.
+    let (pool, ns, namespaces) = example_pool();
+    let (pool, ns) = (pool.as_str(), ns.as_str());
+    for n in &namespaces {
+        c.kubectl_ok(&["create", "namespace", n]);
+    }
     let out = c.kubectl_ok(&["apply", "-f", &repo_path("examples")]);
     assert!(
-        out.contains("relaypool.mailfleet.dev/transactional created"),
+        out.contains(&format!("relaypool.mailfleet.dev/{pool} created")),
         "{out}"
     );
 
     // Table output uses the CRD's printer columns.
-    let table = c.kubectl_ok(&["get", "relaypools", "-n", "mail"]);
+    let table = c.kubectl_ok(&["get", "relaypools", "-n", ns]);
     let header = table.lines().next().unwrap_or_default();
     for col in ["NAME", "REPLICAS", "READY", "AGE"] {
         assert!(header.contains(col), "{table}");
     }
-    assert!(table.contains("transactional"), "{table}");
+    assert!(table.contains(pool), "{table}");
     // Short names and categories resolve through discovery.
     assert!(
-        c.kubectl_ok(&["get", "rp", "-n", "mail", "-o", "name"])
-            .contains("relaypool.mailfleet.dev/transactional")
+        c.kubectl_ok(&["get", "rp", "-n", ns, "-o", "name"])
+            .contains(&format!("relaypool.mailfleet.dev/{pool}"))
     );
-    let all = c.kubectl_ok(&["get", "mailfleet", "-n", "mail", "-o", "name"]);
+    let all = c.kubectl_ok(&["get", "mailfleet", "-n", ns, "-o", "name"]);
     assert!(all.contains("sendingdomain.mailfleet.dev/"), "{all}");
 
-    let described = c.kubectl_ok(&["describe", "relaypool", "transactional", "-n", "mail"]);
+    let described = c.kubectl_ok(&["describe", "relaypool", pool, "-n", ns]);
     assert!(
-        described.contains("Name:") && described.contains("transactional"),
+        described.contains("Name:") && described.contains(pool),
         "{described}"
     );
 
@@ -64,18 +100,18 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     let gen1 = c.kubectl_ok(&[
         "get",
         "rp",
-        "transactional",
+        pool,
         "-n",
-        "mail",
+        ns,
         "-o",
         "jsonpath={.metadata.generation}",
     ]);
     c.kubectl_ok(&[
         "patch",
         "rp",
-        "transactional",
+        pool,
         "-n",
-        "mail",
+        ns,
         "--type",
         "merge",
         "-p",
@@ -84,9 +120,9 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     let gen2 = c.kubectl_ok(&[
         "get",
         "rp",
-        "transactional",
+        pool,
         "-n",
-        "mail",
+        ns,
         "-o",
         "jsonpath={.metadata.generation}",
     ]);
@@ -95,9 +131,9 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     c.kubectl_ok(&[
         "patch",
         "rp",
-        "transactional",
+        pool,
         "-n",
-        "mail",
+        ns,
         "--subresource",
         "status",
         "--type",
@@ -108,9 +144,9 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     let after = c.kubectl_ok(&[
         "get",
         "rp",
-        "transactional",
+        pool,
         "-n",
-        "mail",
+        ns,
         "-o",
         "jsonpath={.metadata.generation} {.status.readyReplicas}",
     ]);
@@ -119,9 +155,9 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     c.kubectl_ok(&[
         "patch",
         "rp",
-        "transactional",
+        pool,
         "-n",
-        "mail",
+        ns,
         "--type",
         "merge",
         "-p",
@@ -130,9 +166,9 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     let ready = c.kubectl_ok(&[
         "get",
         "rp",
-        "transactional",
+        pool,
         "-n",
-        "mail",
+        ns,
         "-o",
         "jsonpath={.status.readyReplicas}",
     ]);
@@ -141,9 +177,9 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
     c.kubectl_ok(&[
         "patch",
         "rp",
-        "transactional",
+        pool,
         "-n",
-        "mail",
+        ns,
         "--type",
         "json",
         "-p",
@@ -153,9 +189,9 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
         c.kubectl_ok(&[
             "get",
             "rp",
-            "transactional",
+            pool,
             "-n",
-            "mail",
+            ns,
             "-o",
             "jsonpath={.spec.replicas}"
         ])
@@ -165,7 +201,7 @@ fn apply_crds_and_examples_then_get_describe_patch_delete() {
 
     let deleted = c.kubectl_ok(&["delete", "-f", &repo_path("examples")]);
     assert!(deleted.contains("deleted"), "{deleted}");
-    let err = c.kubectl_err(&["get", "rp", "transactional", "-n", "mail"]);
+    let err = c.kubectl_err(&["get", "rp", pool, "-n", ns]);
     assert!(
         err.contains("NotFound") || err.contains("not found"),
         "{err}"
