@@ -608,6 +608,9 @@ impl Supervisor {
                 .cloned()
                 .unwrap_or(Value::Null);
             let env = self.env_for(&pod, &container);
+            // The kubelet expands `$(VAR)` in command and args from the container's env.
+            let mut spec = spec;
+            spec.args = spec.args.iter().map(|a| expand(a, &env)).collect();
             let ctx = ContainerRun {
                 spec,
                 container,
@@ -757,6 +760,8 @@ impl Supervisor {
                 None
             };
             if let Some(v) = value {
+                // `$(VAR)` in a value refers to variables defined before it.
+                let v = expand(&v, &env);
                 env.push((name.to_string(), v));
             }
         }
@@ -1013,6 +1018,39 @@ impl ContainerRun {
     }
 }
 
+/// Kubernetes variable expansion: `$(NAME)` becomes the value of an earlier variable,
+/// `$$` an escaped `$`; references to unknown variables stay as written.
+fn expand(text: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+        {
+            let name = &inner[..end];
+            match env.iter().rev().find(|(k, _)| k == name) {
+                Some((_, v)) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::kill(
@@ -1055,5 +1093,23 @@ pub fn pods_resource() -> GroupResource {
     GroupResource {
         group: String::new(),
         resource: "pods".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_variables_like_the_kubelet() {
+        let env = vec![("POD_IP".to_string(), "127.0.0.2".to_string())];
+        assert_eq!(
+            expand("--listen=$(POD_IP):25", &env),
+            "--listen=127.0.0.2:25"
+        );
+        assert_eq!(
+            expand("$$(POD_IP) $(MISSING) $x", &env),
+            "$(POD_IP) $(MISSING) $x"
+        );
     }
 }

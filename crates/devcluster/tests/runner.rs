@@ -155,7 +155,8 @@ fn statefulset_pods_run_as_processes() {
     assert_eq!(env["env"]["SECRET_VALUE"], "s3cret");
     assert_eq!(
         env["argv"],
-        serde_json::json!(["relay", "--listen", "$(POD_IP)"])
+        serde_json::json!(["relay", "--listen", ip0.as_str()]),
+        "$(POD_IP) in args is expanded as the kubelet does"
     );
 
     // The process's output is the pod's log.
