@@ -180,8 +180,8 @@ pub struct EgressSpec {
     pub cidrs: Vec<String>,
 
     /// HELO/EHLO name of addresses that do not name their own. `{ip}` is replaced by the
-    /// address with `.` and `:` turned into `-` (192.0.2.10 → `192-0-2-10`). The result must
-    /// equal the address's PTR record, or receivers distrust the mail.
+    /// address as a DNS label: 192.0.2.10 → `192-0-2-10`, 2001:db8::1 → `2001-db8-0-0-0-0-0-1`.
+    /// The result must equal the address's PTR record, or receivers distrust the mail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 3, max = 253))]
     #[schemars(regex(pattern = r"^([a-z0-9-]|\{ip\})+(\.([a-z0-9-]|\{ip\})+)+$"))]

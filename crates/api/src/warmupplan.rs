@@ -31,6 +31,7 @@ pub const CONDITION_READY: &str = "Ready";
     printcolumn = r#"{"name":"Warming","type":"integer","jsonPath":".status.warming"}"#,
     printcolumn = r#"{"name":"Warm","type":"integer","jsonPath":".status.warm"}"#,
     printcolumn = r#"{"name":"Held","type":"integer","jsonPath":".status.held"}"#,
+    printcolumn = r#"{"name":"Progress","type":"string","jsonPath":".status.summary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -249,6 +250,9 @@ pub struct WarmupPlanStatus {
     /// Addresses held, paused or quarantined.
     #[serde(default)]
     pub held: i32,
+    /// One line for people, e.g. `stages 2-4 of 8; next advance in 6h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
     /// Standard conditions: `Ready`.
     #[serde(default)]
     pub conditions: Vec<Condition>,

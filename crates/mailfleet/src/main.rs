@@ -25,17 +25,18 @@ struct Cli {
 enum Command {
     /// Write the CustomResourceDefinitions of RelayPool, SendingDomain and WarmupPlan.
     Crdgen {
-        /// Directory to write `<name>.yaml` files into.
-        #[arg(long, default_value = "crds")]
-        out: PathBuf,
+        /// Directory to write `<name>.yaml` files into (repeatable). By default the
+        /// repository's crds/ and the Helm chart's crds/, run from the repository root.
+        #[arg(long, default_values = ["crds", "charts/mailfleet/crds"])]
+        out: Vec<PathBuf>,
         /// Do not write: exit non-zero if the files in --out differ from the code.
         #[arg(long)]
         check: bool,
     },
-    /// Run the relay MTA from a config file (SMTP in, spool, DKIM, shaped delivery).
-    Relay(relay::Args),
     /// Serve a Kubernetes API emulator on loopback; prints the kubeconfig path.
     Devcluster(devcluster::Args),
+    /// Run the relay MTA from a config file (SMTP in, spool, DKIM, shaped delivery).
+    Relay(relay::Args),
     /// Run the whole fleet on this machine (devcluster, operator, relays, DNS, sink, traffic).
     Dev,
 }
@@ -52,9 +53,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Crdgen { out, check } => crdgen(&out, check),
-        Command::Relay(args) => relay::run(args),
+        Command::Crdgen { out, check } => out.iter().try_for_each(|dir| crdgen(dir, check)),
         Command::Devcluster(args) => devcluster::run(args),
+        Command::Relay(args) => relay::run(args),
         Command::Dev => {
             bail!(
                 "`mailfleet dev` is not available yet: it arrives with the devcluster, operator \
