@@ -605,7 +605,18 @@ impl<'a> Session<'a> {
             crate::dsn::rfc2822_date(now),
         );
         let domain = self.sender_domain.clone().unwrap_or_default();
-        let signature = match inb.signer.sign(&domain, &body) {
+        // RSA signing costs about a millisecond of CPU: do it on the blocking pool so the
+        // runtime's workers keep serving the other sessions' I/O meanwhile.
+        let signer = Arc::clone(&inb.signer);
+        let signed = tokio::task::spawn_blocking(move || {
+            let sig = signer.sign(&domain, &body);
+            (sig, body)
+        })
+        .await;
+        let Ok((signature, body)) = signed else {
+            return "451 4.3.0 Failed to sign message, try again later".into();
+        };
+        let signature = match signature {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "dkim signing failed");
