@@ -43,7 +43,9 @@ pub fn run(args: Args) -> Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         eprintln!("draining");
-        relay.shutdown(Duration::from_secs(args.drain_seconds)).await;
+        relay
+            .shutdown(Duration::from_secs(args.drain_seconds))
+            .await;
         Ok(())
     })
 }
