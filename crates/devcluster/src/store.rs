@@ -5,7 +5,7 @@
 //! watches from a past version (older than the log: 410 Gone). Writes implement the API
 //! server's rules: optimistic concurrency, `generation` bumped on spec changes, status kept
 //! apart when it is a subresource, finalizers and `deletionTimestamp`, ownerReference garbage
-//! collection (background cascade, synchronous here), namespace lifecycle, CRD registration,
+//! collection (background, foreground and orphan, synchronous here), namespace lifecycle, CRD registration,
 //! managed fields. Everything happens under one lock, so each write is atomic and events are
 //! emitted in resourceVersion order.
 
@@ -123,7 +123,7 @@ impl WriteOptions {
 pub enum Propagation {
     /// Dependents are deleted after the owner (the default here).
     Background,
-    /// Treated as Background (documented).
+    /// The owner waits (finalizer `foregroundDeletion`) until its dependents are deleted.
     Foreground,
     /// Dependents lose their ownerReference and stay.
     Orphan,
@@ -847,6 +847,44 @@ impl Store {
         if is_namespace {
             return Ok(self.delete_namespace(inner, name, old));
         }
+        if opts.propagation == Propagation::Foreground
+            && old["metadata"]["deletionTimestamp"].is_null()
+        {
+            let uid = meta_str(&old, "uid").to_string();
+            let dependents = dependents_of(inner, &uid);
+            if !dependents.is_empty() {
+                // Foreground: the owner waits, marked, with the `foregroundDeletion`
+                // finalizer, until its dependents are gone.
+                let mut new = old.clone();
+                new["metadata"]["deletionTimestamp"] = json!(now());
+                new["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                let mut fins = finalizers(&old);
+                fins.push(FOREGROUND.to_string());
+                new["metadata"]["finalizers"] = json!(fins);
+                inner.rv += 1;
+                new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+                inner
+                    .objects
+                    .entry(gr.clone())
+                    .or_default()
+                    .insert(key, new.clone());
+                self.emit(inner, gr, ns, EventType::Modified, &new, Some(&old));
+                let child_opts = DeleteOptions {
+                    propagation: Propagation::Foreground,
+                    ..DeleteOptions::default()
+                };
+                for (g, n, dep) in dependents {
+                    let _ = self.delete_locked(inner, &g, &n, &dep, &child_opts);
+                }
+                self.finish_foreground(inner, gr, ns, name);
+                let current = inner
+                    .objects
+                    .get(gr)
+                    .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
+                    .cloned();
+                return Ok(current.unwrap_or(new));
+            }
+        }
         if !finalizers(&old).is_empty() {
             if !old["metadata"]["deletionTimestamp"].is_null() {
                 return Ok(old);
@@ -943,10 +981,64 @@ impl Store {
         self.after_remove(inner, gr, &obj);
         let uid = meta_str(&obj, "uid").to_string();
         self.collect_dependents(inner, &uid, propagation);
+        // Owners waiting in foreground deletion may now be free to go.
+        let owner_uids: Vec<String> = obj["metadata"]["ownerReferences"]
+            .as_array()
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| r["uid"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for owner_uid in owner_uids {
+            let owner = inner.objects.iter().find_map(|(g, m)| {
+                m.iter()
+                    .find(|(_, o)| {
+                        meta_str(o, "uid") == owner_uid
+                            && finalizers(o).iter().any(|f| f == FOREGROUND)
+                    })
+                    .map(|((n, name), _)| (g.clone(), n.clone(), name.clone()))
+            });
+            if let Some((g, n, name)) = owner {
+                self.finish_foreground(inner, &g, &n, &name);
+            }
+        }
         if !ns.is_empty() {
             self.finish_namespace_if_empty(inner, ns);
         }
         Some(obj)
+    }
+
+    /// An owner in foreground deletion loses its `foregroundDeletion` finalizer once no
+    /// dependent is left, and is removed if no other finalizer remains.
+    fn finish_foreground(&self, inner: &mut Inner, gr: &GroupResource, ns: &str, name: &str) {
+        let key = (ns.to_string(), name.to_string());
+        let Some(old) = inner.objects.get(gr).and_then(|m| m.get(&key)).cloned() else {
+            return;
+        };
+        if !finalizers(&old).iter().any(|f| f == FOREGROUND)
+            || !dependents_of(inner, meta_str(&old, "uid")).is_empty()
+        {
+            return;
+        }
+        let fins: Vec<String> = finalizers(&old)
+            .into_iter()
+            .filter(|f| f != FOREGROUND)
+            .collect();
+        if fins.is_empty() {
+            self.remove_locked(inner, gr, ns, name, Propagation::Background);
+            return;
+        }
+        let mut new = old.clone();
+        new["metadata"]["finalizers"] = json!(fins);
+        inner.rv += 1;
+        new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        inner
+            .objects
+            .entry(gr.clone())
+            .or_default()
+            .insert(key, new.clone());
+        self.emit(inner, gr, ns, EventType::Modified, &new, Some(&old));
     }
 
     /// Garbage collection: dependents whose owners are all gone are deleted (background
@@ -1198,6 +1290,30 @@ impl Store {
     }
 }
 
+/// The finalizer that holds an owner in foreground deletion.
+const FOREGROUND: &str = "foregroundDeletion";
+
+/// Objects with an ownerReference to `uid`: (group/resource, namespace, name).
+fn dependents_of(inner: &Inner, uid: &str) -> Vec<(GroupResource, String, String)> {
+    if uid.is_empty() {
+        return Vec::new();
+    }
+    inner
+        .objects
+        .iter()
+        .flat_map(|(g, m)| {
+            m.iter()
+                .filter(|(_, o)| {
+                    o["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid)))
+                })
+                .map(|((n, name), _)| (g.clone(), n.clone(), name.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Refuse bodies whose well-known fields have the wrong JSON type, before any code relies on
 /// them being objects (metadata, labels, annotations, spec, status).
 fn check_shape(obj: &Value) -> Result<(), ApiError> {
@@ -1422,5 +1538,51 @@ mod tests {
             .watch(&rt, None, &Selectors::default(), WatchStart::After(from))
             .err();
         assert_eq!(err.map(|e| e.code), Some(410));
+    }
+
+    #[test]
+    fn foreground_deletion_waits_for_dependents() {
+        let store = Store::new(100);
+        let rt = configmaps(&store);
+        let Ok(owner) = store.create(
+            &rt,
+            "default",
+            json!({"metadata": {"name": "owner"}}),
+            &update_opts(),
+        ) else {
+            unreachable!()
+        };
+        let uid = owner["metadata"]["uid"].clone();
+        let dep = json!({"metadata": {"name": "dep", "finalizers": ["example.com/hold"],
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}]}});
+        assert!(store.create(&rt, "default", dep, &update_opts()).is_ok());
+        let opts = DeleteOptions {
+            propagation: Propagation::Foreground,
+            ..DeleteOptions::default()
+        };
+        let marked = store.delete(&rt, "default", "owner", &opts).ok();
+        assert_eq!(
+            marked.map(|o| o["metadata"]["finalizers"].clone()),
+            Some(json!(["foregroundDeletion"])),
+            "the owner waits for its dependent"
+        );
+        // The dependent's finalizer goes: it is removed, and then the owner.
+        let Ok(mut d) = store.get(&rt, "default", "dep") else {
+            unreachable!()
+        };
+        d["metadata"]["finalizers"] = json!([]);
+        assert!(
+            store
+                .update(&rt, "default", "dep", d, &update_opts())
+                .is_ok()
+        );
+        assert_eq!(
+            store.get(&rt, "default", "dep").err().map(|e| e.code),
+            Some(404)
+        );
+        assert_eq!(
+            store.get(&rt, "default", "owner").err().map(|e| e.code),
+            Some(404)
+        );
     }
 }
