@@ -500,6 +500,29 @@ impl Store {
 
     // ---- internals -------------------------------------------------------------------------
 
+    /// Stores a changed object under the next resourceVersion and emits MODIFIED: the one
+    /// write path of every update that keeps the object (edits, deletion marks, finalizer
+    /// removal).
+    fn write_modified(
+        &self,
+        inner: &mut Inner,
+        gr: &GroupResource,
+        ns: &str,
+        key: ObjKey,
+        mut new: Value,
+        old: &Value,
+    ) -> Value {
+        inner.rv += 1;
+        new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+        inner
+            .objects
+            .entry(gr.clone())
+            .or_default()
+            .insert(key, new.clone());
+        self.emit(inner, gr, ns, EventType::Modified, &new, Some(old));
+        new
+    }
+
     fn emit(
         &self,
         inner: &mut Inner,
@@ -783,16 +806,9 @@ impl Store {
             // A no-op write changes nothing, not even the resourceVersion, as on a real server.
             return Ok(if unchanged { old } else { new });
         }
-        inner.rv += 1;
-        new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         let finished =
             !new["metadata"]["deletionTimestamp"].is_null() && finalizers(&new).is_empty();
-        inner
-            .objects
-            .entry(gr.clone())
-            .or_default()
-            .insert(key, new.clone());
-        self.emit(inner, &gr, ns, EventType::Modified, &new, Some(&old));
+        let new = self.write_modified(inner, &gr, ns, key, new, &old);
         self.after_update(inner, rt, &new);
         if finished {
             self.remove_locked(inner, &gr, ns, name, Propagation::Background);
@@ -861,14 +877,7 @@ impl Store {
                 let mut fins = finalizers(&old);
                 fins.push(FOREGROUND.to_string());
                 new["metadata"]["finalizers"] = json!(fins);
-                inner.rv += 1;
-                new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-                inner
-                    .objects
-                    .entry(gr.clone())
-                    .or_default()
-                    .insert(key, new.clone());
-                self.emit(inner, gr, ns, EventType::Modified, &new, Some(&old));
+                let new = self.write_modified(inner, gr, ns, key, new, &old);
                 let child_opts = DeleteOptions {
                     propagation: Propagation::Foreground,
                     ..DeleteOptions::default()
@@ -892,15 +901,7 @@ impl Store {
             let mut new = old.clone();
             new["metadata"]["deletionTimestamp"] = json!(now());
             new["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-            inner.rv += 1;
-            new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-            inner
-                .objects
-                .entry(gr.clone())
-                .or_default()
-                .insert(key, new.clone());
-            self.emit(inner, gr, ns, EventType::Modified, &new, Some(&old));
-            return Ok(new);
+            return Ok(self.write_modified(inner, gr, ns, key, new, &old));
         }
         Ok(self
             .remove_locked(inner, gr, ns, name, opts.propagation)
@@ -1031,14 +1032,7 @@ impl Store {
         }
         let mut new = old.clone();
         new["metadata"]["finalizers"] = json!(fins);
-        inner.rv += 1;
-        new["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
-        inner
-            .objects
-            .entry(gr.clone())
-            .or_default()
-            .insert(key, new.clone());
-        self.emit(inner, gr, ns, EventType::Modified, &new, Some(&old));
+        self.write_modified(inner, gr, ns, key, new, &old);
     }
 
     /// Garbage collection: dependents whose owners are all gone are deleted (background
