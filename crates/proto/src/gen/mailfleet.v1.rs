@@ -155,7 +155,8 @@ pub struct Listener {
     pub max_recipients: u32,
     #[prost(uint32, tag = "4")]
     pub max_sessions: u32,
-    /// Users allowed to authenticate: user name and a PHC-format password hash.
+    /// Users allowed to authenticate: user name and password, as in the pool's users Secret (this
+    /// stream is mutually authenticated TLS, like the Secret it comes from).
     #[prost(map = "string, string", tag = "5")]
     pub users: ::std::collections::HashMap<
         ::prost::alloc::string::String,
