@@ -192,6 +192,11 @@ pub struct ReportRequest {
     /// When the counted events happened (Unix seconds of the report's end).
     #[prost(int64, tag = "5")]
     pub observed_unix: i64,
+    /// The highest config version the relay has applied completely: addresses that snapshot does
+    /// not list as usable (absent, DRAINING, PAUSED, QUARANTINED) carry no connection any more.
+    /// The coordinator moves a draining address to another pod only after this confirmation.
+    #[prost(uint64, tag = "6")]
+    pub applied_config_version: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportAck {
