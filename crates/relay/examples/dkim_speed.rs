@@ -17,6 +17,7 @@ fn main() {
             private_key_pem: None,
             private_key_file: Some(args[1].clone().into()),
         }],
+        suppressed_recipients: Vec::new(),
     }])
     .unwrap();
     let msg = format!(

@@ -111,6 +111,9 @@ pub struct SendingDomainConfig {
     /// DKIM keys; several sign at once (e.g. RSA-2048 plus Ed25519).
     #[serde(default)]
     pub dkim: Vec<DkimKeyConfig>,
+    /// Recipients refused at RCPT for mail of this domain (hard bounces, complaints).
+    #[serde(default)]
+    pub suppressed_recipients: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,17 +142,41 @@ pub struct EgressConfig {
     pub address: IpAddr,
     /// EHLO name; must match the address's PTR record.
     pub helo: String,
-    /// Messages per UTC day; none is unlimited. The warm-up engine sets it at run time.
+    /// Messages per quota window (a UTC day unless `quotaWindowSeconds` says otherwise);
+    /// none is unlimited. The warm-up engine sets it at run time.
     #[serde(default)]
     pub daily_quota: Option<u64>,
     #[serde(default)]
     pub hourly_quota: Option<u64>,
+    /// Start (Unix seconds) of one quota window and its length; windows repeat from there.
+    /// Default: UTC days.
+    #[serde(default)]
+    pub quota_window_start: i64,
+    #[serde(default)]
+    pub quota_window_seconds: Option<u64>,
+    /// Quotas of this address toward one provider group, in the same windows.
+    #[serde(default)]
+    pub provider_quotas: BTreeMap<ProviderGroup, QuotaLimits>,
+    /// Sends no new mail (the address is draining, paused or quarantined); mail goes out from
+    /// the other addresses.
+    #[serde(default)]
+    pub paused: bool,
     /// Concurrent connections from this address (all destinations).
     #[serde(default)]
     pub max_connections: Option<usize>,
     /// Messages per second from this address (all destinations).
     #[serde(default)]
     pub messages_per_second: Option<f64>,
+}
+
+/// Per-window and per-hour limits; none is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct QuotaLimits {
+    #[serde(default)]
+    pub daily: Option<u64>,
+    #[serde(default)]
+    pub hourly: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,6 +268,10 @@ pub struct ProviderLimits {
     /// Messages per second from one address to this provider group.
     #[serde(default)]
     pub messages_per_second_per_address: Option<f64>,
+    /// Messages over one connection to this provider group (lower of this and
+    /// `delivery.maxMessagesPerConnection`).
+    #[serde(default)]
+    pub max_messages_per_connection: Option<usize>,
 }
 
 fn default_max_message_size() -> usize {
@@ -338,20 +369,15 @@ impl RelayConfig {
         Ok(config)
     }
 
-    /// Refuses configurations the relay cannot run safely with.
+    /// Refuses configurations the relay cannot run safely with on its own (file mode: at
+    /// least one sending domain and one egress address).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.hostname.is_empty() {
-            return invalid("hostname must not be empty".into());
-        }
         if self.sending_domains.is_empty() {
             return invalid("at least one sending domain is required".into());
         }
         if self.egress.is_empty() {
             return invalid("at least one egress address is required".into());
-        }
-        if self.delivery.retry_intervals.is_empty() {
-            return invalid("delivery.retryIntervals must not be empty".into());
         }
         if self.listener.allowed_networks.is_empty() && self.listener.users.is_empty() {
             return invalid(
@@ -362,6 +388,19 @@ impl RelayConfig {
             return invalid(
                 "listener.users need listener.tls: AUTH is only offered over TLS".into(),
             );
+        }
+        self.validate_pushed()
+    }
+
+    /// The checks of a configuration pushed at run time (coordinated mode), where a pool may
+    /// have no sending domain or no address yet: the relay then refuses mail until it has.
+    pub fn validate_pushed(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.hostname.is_empty() {
+            return invalid("hostname must not be empty".into());
+        }
+        if self.delivery.retry_intervals.is_empty() {
+            return invalid("delivery.retryIntervals must not be empty".into());
         }
         for d in &self.sending_domains {
             for k in &d.dkim {
@@ -377,6 +416,12 @@ impl RelayConfig {
         for e in &self.egress {
             if !seen.insert(e.address) {
                 return invalid(format!("egress address {} listed twice", e.address));
+            }
+            if e.quota_window_seconds == Some(0) {
+                return invalid(format!(
+                    "egress address {}: quotaWindowSeconds must be above 0",
+                    e.address
+                ));
             }
         }
         Ok(())

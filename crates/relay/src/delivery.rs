@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
@@ -80,10 +80,13 @@ struct Progress {
 
 /// The delivery side of the relay.
 pub struct Delivery {
-    config: DeliveryConfig,
+    config: RwLock<Arc<DeliveryConfig>>,
     shaping: ShapingConfig,
     hostname: String,
-    resolver: TokioResolver,
+    resolver: RwLock<TokioResolver>,
+    /// Bumped by a reconfiguration: mail parked for quota or for want of an address is
+    /// looked at again at once.
+    wake: watch::Sender<u64>,
     pub shaper: Arc<Shaper>,
     spool: Arc<dyn Spool>,
     metrics: Arc<Metrics>,
@@ -138,10 +141,11 @@ impl Delivery {
     ) -> Result<Arc<Self>, DeliveryError> {
         let resolver = build_resolver(&config.nameservers)?;
         Ok(Arc::new_cyclic(|me| Delivery {
-            config,
+            config: RwLock::new(Arc::new(config)),
             shaping,
             hostname,
-            resolver,
+            resolver: RwLock::new(resolver),
+            wake: watch::channel(0).0,
             shaper,
             spool,
             metrics,
@@ -150,6 +154,37 @@ impl Delivery {
             shutdown,
             me: me.clone(),
         }))
+    }
+
+    /// The delivery settings in force.
+    pub fn config(&self) -> Arc<DeliveryConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn resolver(&self) -> TokioResolver {
+        self.resolver
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Takes new delivery settings at run time (retries, lifetime, DSN, port, name servers,
+    /// connection limits). Jobs waiting for a retry keep their timer; the new schedule applies
+    /// from their next attempt.
+    pub fn reconfigure(&self, config: DeliveryConfig) -> Result<(), DeliveryError> {
+        let old = self.config();
+        if old.nameservers != config.nameservers {
+            let resolver = build_resolver(&config.nameservers)?;
+            *self.resolver.write().unwrap_or_else(|e| e.into_inner()) = resolver;
+        }
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        Ok(())
+    }
+
+    /// Looks again at once at mail parked for quota or for want of a usable address (after
+    /// quotas were raised or addresses added).
+    pub fn wake_parked(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn queues(&self) -> MutexGuard<'_, HashMap<QueueKey, Queue>> {
@@ -227,7 +262,7 @@ impl Delivery {
             q.ready.push_back(job);
         }
         q.notify.notify_one();
-        let spawn = q.workers < self.config.max_connections_per_destination.max(1)
+        let spawn = q.workers < self.config().max_connections_per_destination.max(1)
             && !q.ready.is_empty()
             && !*self.shutdown.borrow();
         if spawn {
@@ -283,18 +318,22 @@ impl Delivery {
         }
         let delay = Duration::from_secs_f64((until - unix_now()).max(1.0));
         for job in jobs {
-            self.later(job, delay);
+            self.later(job, delay, true);
         }
     }
 
-    fn later(&self, job: Job, delay: Duration) {
+    /// Enqueues `job` after `delay`, or at once when `wakeable` and a reconfiguration wakes
+    /// parked mail.
+    fn later(&self, job: Job, delay: Duration, wakeable: bool) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
         let mut shutdown = self.shutdown.clone();
+        let mut wake = self.wake.subscribe();
         tokio::spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => me.enqueue(job),
+                Ok(()) = wake.changed(), if wakeable => me.enqueue(job),
                 // Parked jobs are still on the spool; the next start picks them up.
                 _ = shutdown.wait_for(|s| *s) => {}
             }
@@ -317,18 +356,21 @@ impl Delivery {
                         self.retire(&key);
                         break;
                     };
-                    let _ =
-                        tokio::time::timeout(self.config.connection_idle, notify.notified()).await;
+                    let idle = self.config().connection_idle;
+                    let _ = tokio::time::timeout(idle, notify.notified()).await;
                     match self.pop_or_retire(&key, true) {
                         Some(j) => j,
                         None => break,
                     }
                 }
             };
-            if conn
-                .as_ref()
-                .is_some_and(|c| c.2 >= self.config.max_messages_per_connection)
-                && let Some((c, _, _)) = conn.take()
+            let max_per_conn = self.config().max_messages_per_connection;
+            if conn.as_ref().is_some_and(|c| {
+                c.2 >= self
+                    .shaper
+                    .messages_per_connection(c.1.group)
+                    .map_or(max_per_conn, |n| n.min(max_per_conn))
+            }) && let Some((c, _, _)) = conn.take()
             {
                 c.quit().await;
             }
@@ -339,6 +381,13 @@ impl Delivery {
                     }
                     Err(ConnectFailure::Unavailable(Unavailable::OverQuota { until })) => {
                         self.park_queue(&key, job, until);
+                        self.retire(&key);
+                        break;
+                    }
+                    Err(ConnectFailure::Unavailable(Unavailable::NoAddress)) => {
+                        // No address may send (none configured or all paused): wait for a
+                        // reconfiguration, looking again now and then.
+                        self.park_queue(&key, job, unix_now() + 30.0);
                         self.retire(&key);
                         break;
                     }
@@ -371,6 +420,14 @@ impl Delivery {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
+                }
+                MessageSlot::Stop => {
+                    // The address was removed or paused: reconnect from another one.
+                    self.requeue_front(&key, job);
+                    if let Some((c, _, _)) = conn.take() {
+                        c.quit().await;
+                    }
+                    continue;
                 }
                 MessageSlot::OverQuota { until } => {
                     if key.address.is_some() {
@@ -425,6 +482,7 @@ impl Delivery {
             .shaper
             .acquire(route.group, job.address, unix_now())
             .map_err(ConnectFailure::Unavailable)?;
+        let config = self.config();
         let mut last = Reply {
             code: 451,
             text: format!("4.4.1 no usable mail exchanger for {}", job.domain),
@@ -438,8 +496,8 @@ impl Delivery {
                 *target,
                 &permit.helo,
                 host,
-                self.config.opportunistic_tls,
-                self.config.command_timeout,
+                config.opportunistic_tls,
+                config.command_timeout,
             )
             .await
             {
@@ -460,13 +518,9 @@ impl Delivery {
 
     /// Resolves the mail exchangers of `domain` (static route, MX, or implicit MX).
     pub async fn route(&self, domain: &str) -> Result<Route, RouteError> {
-        let port = self.config.port;
-        if let Some(addr) = self
-            .config
-            .routes
-            .get(domain)
-            .or_else(|| self.config.routes.get("*"))
-        {
+        let config = self.config();
+        let port = config.port;
+        if let Some(addr) = config.routes.get(domain).or_else(|| config.routes.get("*")) {
             return Ok(Route {
                 targets: vec![(addr.ip().to_string(), *addr)],
                 group: provider_group(domain, &self.shaping.mx_suffixes),
@@ -479,7 +533,8 @@ impl Delivery {
             })
         };
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
-        let hosts: Vec<String> = match self.resolver.mx_lookup(fqdn.as_str()).await {
+        let resolver = self.resolver();
+        let hosts: Vec<String> = match resolver.mx_lookup(fqdn.as_str()).await {
             Ok(lookup) => {
                 let mut mx: Vec<(u16, String)> = lookup
                     .answers()
@@ -514,7 +569,7 @@ impl Delivery {
         let mut targets = Vec::new();
         let mut last_err: Option<String> = None;
         for host in &hosts {
-            match self.resolver.lookup_ip(host.as_str()).await {
+            match resolver.lookup_ip(host.as_str()).await {
                 Ok(ips) => {
                     for ip in ips.iter() {
                         targets.push((
@@ -539,7 +594,8 @@ impl Delivery {
             let outcome = classify(&reply);
             match outcome {
                 Outcome::Deferred => {
-                    self.metrics.delivery(Some(address), group, outcome);
+                    self.metrics
+                        .delivery_from(Some(address), group, outcome, &job.msg.mail_from);
                     deferred.push(*i);
                     last_deferral = Some(reply);
                 }
@@ -562,14 +618,16 @@ impl Delivery {
     /// All recipients of `job` failed the same way before a transaction.
     fn defer(&self, job: Job, address: Option<IpAddr>, group: ProviderGroup, reply: &Reply) {
         for _ in &job.rcpts {
-            self.metrics.delivery(address, group, Outcome::Deferred);
+            self.metrics
+                .delivery_from(address, group, Outcome::Deferred, &job.msg.mail_from);
         }
         self.retry(job, address, group, reply);
     }
 
     fn retry(&self, mut job: Job, address: Option<IpAddr>, group: ProviderGroup, reply: &Reply) {
+        let config = self.config();
         let age = unix_now() - job.msg.received_at as f64;
-        if age >= self.config.max_lifetime.as_secs_f64() {
+        if age >= config.max_lifetime.as_secs_f64() {
             let expired = Reply {
                 code: 554,
                 text: format!(
@@ -581,16 +639,15 @@ impl Delivery {
             self.finish_all(&job, address, group, &expired, Outcome::Bounced);
             return;
         }
-        let idx = (job.attempts as usize).min(self.config.retry_intervals.len().saturating_sub(1));
-        let delay = self
-            .config
+        let idx = (job.attempts as usize).min(config.retry_intervals.len().saturating_sub(1));
+        let delay = config
             .retry_intervals
             .get(idx)
             .copied()
             .unwrap_or(Duration::from_secs(300));
         job.attempts += 1;
         tracing::debug!(id = job.msg.id, domain = %job.domain, ?delay, %reply, "deferred");
-        self.later(job, delay);
+        self.later(job, delay, false);
     }
 
     fn finish_all(
@@ -616,10 +673,11 @@ impl Delivery {
         reply: &Reply,
         outcome: Outcome,
     ) {
-        self.metrics.delivery(address, group, outcome);
+        self.metrics
+            .delivery_from(address, group, outcome, &msg.mail_from);
         self.spool.rcpt_done(msg.id, rcpt);
         if outcome != Outcome::Delivered
-            && self.config.dsn
+            && self.config().dsn
             && !msg.mail_from.is_empty()
             && let Some(to) = msg.rcpts.get(rcpt)
         {

@@ -201,6 +201,7 @@ mod tests {
         let signer = Signer::new(&[SendingDomainConfig {
             domain: "example.test".into(),
             dkim,
+            suppressed_recipients: Vec::new(),
         }])
         .unwrap();
         let msg = b"From: a@example.test\r\nTo: b@dest.test\r\nSubject: hi\r\n\r\nbody\r\n";

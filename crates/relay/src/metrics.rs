@@ -37,6 +37,11 @@ impl Gauge {
 /// Key of the delivery counters; `None` address when no connection was made (DNS failure).
 pub type DeliveryKey = (Option<IpAddr>, ProviderGroup, Outcome);
 
+/// Key of the delivery counters by sender: the domain of the envelope sender (lowercased,
+/// empty for the null sender of DSNs), for the coordinator reports. Not exported to
+/// Prometheus (tenants' domains would multiply the series).
+pub type SenderKey = (Option<IpAddr>, ProviderGroup, Outcome, String);
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub accepted: Gauge,
@@ -45,6 +50,7 @@ pub struct Metrics {
     pub ready: AtomicBool,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     deliveries: Mutex<BTreeMap<DeliveryKey, u64>>,
+    by_sender: Mutex<BTreeMap<SenderKey, u64>>,
 }
 
 impl Metrics {
@@ -58,12 +64,38 @@ impl Metrics {
     }
 
     pub fn delivery(&self, address: Option<IpAddr>, group: ProviderGroup, outcome: Outcome) {
+        self.delivery_from(address, group, outcome, "");
+    }
+
+    /// Counts one recipient outcome of mail from `mail_from` (the envelope sender).
+    pub fn delivery_from(
+        &self,
+        address: Option<IpAddr>,
+        group: ProviderGroup,
+        outcome: Outcome,
+        mail_from: &str,
+    ) {
         *self
             .deliveries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry((address, group, outcome))
             .or_insert(0) += 1;
+        let domain = crate::smtp::address_domain(mail_from).unwrap_or_default();
+        *self
+            .by_sender
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((address, group, outcome, domain))
+            .or_insert(0) += 1;
+    }
+
+    /// A copy of the delivery counters by sender domain (for the coordinator reports).
+    pub fn deliveries_by_sender(&self) -> BTreeMap<SenderKey, u64> {
+        self.by_sender
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A copy of the delivery counters (for the coordinator reports and tests).

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{EgressConfig, OverflowPolicy, ProviderLimits, ShapingConfig};
+use crate::config::{EgressConfig, OverflowPolicy, ProviderLimits, QuotaLimits, ShapingConfig};
 
 /// Mailbox-provider groups, decided by the MX host name. Receivers within a group share
 /// reputation systems, so limits apply to the group rather than to each domain. (The same
@@ -51,6 +51,19 @@ impl ProviderGroup {
             ProviderGroup::Softbank => "softbank",
             ProviderGroup::Other => "other",
         }
+    }
+}
+
+impl std::str::FromStr for ProviderGroup {
+    type Err = String;
+
+    /// Parses a group name as used in metrics and the coordinator protocol (any case).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        ProviderGroup::ALL
+            .into_iter()
+            .find(|g| g.as_str() == s)
+            .ok_or_else(|| format!("unknown provider group {s:?}"))
     }
 }
 
@@ -140,48 +153,158 @@ impl Bucket {
     }
 }
 
+/// Messages sent in the current hour and quota window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SentCounter {
+    /// Hours since the epoch of `hour_sent`.
+    pub hour: u64,
+    pub hour_sent: u64,
+    /// Unix start of the window of `window_sent`.
+    pub window_begin: i64,
+    pub window_sent: u64,
+}
+
+/// The quota window that contains `now`: its start and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window {
+    start: i64,
+    secs: u64,
+}
+
+impl Window {
+    fn begin(self, now: f64) -> i64 {
+        let secs = self.secs.max(1) as i64;
+        let now = now.floor() as i64;
+        self.start + (now - self.start).div_euclid(secs) * secs
+    }
+}
+
+impl SentCounter {
+    fn roll(&mut self, now: f64, w: Window) {
+        let hour = now as u64 / 3600;
+        if hour != self.hour {
+            self.hour = hour;
+            self.hour_sent = 0;
+        }
+        let b = w.begin(now);
+        if b != self.window_begin {
+            self.window_begin = b;
+            self.window_sent = 0;
+        }
+    }
+
+    /// When the limits let mail out again, or `None` if they do now.
+    fn opens_at(&mut self, now: f64, w: Window, limits: QuotaLimits) -> Option<f64> {
+        self.roll(now, w);
+        let mut at: Option<f64> = None;
+        if limits.daily.is_some_and(|q| self.window_sent >= q) {
+            at = Some((self.window_begin + w.secs as i64) as f64);
+        }
+        if limits.hourly.is_some_and(|q| self.hour_sent >= q) {
+            let h = ((now as u64 / 3600 + 1) * 3600) as f64;
+            at = Some(at.map_or(h, |a| a.max(h)));
+        }
+        at
+    }
+
+    fn count(&mut self) {
+        self.hour_sent += 1;
+        self.window_sent += 1;
+    }
+}
+
 #[derive(Debug)]
 struct AddrState {
     helo: String,
-    daily_quota: Option<u64>,
-    hourly_quota: Option<u64>,
+    paused: bool,
+    limits: QuotaLimits,
+    window: Window,
+    group_limits: BTreeMap<ProviderGroup, QuotaLimits>,
     max_connections: Option<usize>,
-    hour: u64,
-    hour_sent: u64,
-    day: u64,
-    day_sent: u64,
+    sent: SentCounter,
+    group_sent: HashMap<ProviderGroup, SentCounter>,
     connections: usize,
     group_connections: HashMap<ProviderGroup, usize>,
+    rate: Option<f64>,
     bucket: Option<Bucket>,
     group_buckets: HashMap<ProviderGroup, Bucket>,
 }
 
+const DAY: u64 = 86_400;
+
 impl AddrState {
-    fn roll(&mut self, now: f64) {
-        let secs = now as u64;
-        if secs / 3600 != self.hour {
-            self.hour = secs / 3600;
-            self.hour_sent = 0;
-        }
-        if secs / 86400 != self.day {
-            self.day = secs / 86400;
-            self.day_sent = 0;
+    fn new(now: f64) -> Self {
+        let window = Window {
+            start: 0,
+            secs: DAY,
+        };
+        let mut sent = SentCounter::default();
+        sent.roll(now, window);
+        AddrState {
+            helo: String::new(),
+            paused: false,
+            limits: QuotaLimits::default(),
+            window,
+            group_limits: BTreeMap::new(),
+            max_connections: None,
+            sent,
+            group_sent: HashMap::new(),
+            connections: 0,
+            group_connections: HashMap::new(),
+            rate: None,
+            bucket: None,
+            group_buckets: HashMap::new(),
         }
     }
 
-    /// When this address may send again, or `None` if it may send now.
-    fn quota_opens_at(&mut self, now: f64) -> Option<f64> {
-        self.roll(now);
-        let secs = now as u64;
-        let mut at: Option<f64> = None;
-        if self.daily_quota.is_some_and(|q| self.day_sent >= q) {
-            at = Some(((secs / 86400 + 1) * 86400) as f64);
+    /// Takes the settings of `e`, keeping counters, connections and a bucket of the same rate.
+    fn update(&mut self, e: &EgressConfig, now: f64) {
+        self.helo = e.helo.clone();
+        self.paused = e.paused;
+        self.limits = QuotaLimits {
+            daily: e.daily_quota,
+            hourly: e.hourly_quota,
+        };
+        self.window = Window {
+            start: e.quota_window_start,
+            secs: e.quota_window_seconds.unwrap_or(DAY).max(1),
+        };
+        self.group_limits = e.provider_quotas.clone();
+        self.max_connections = e.max_connections;
+        let rate = e.messages_per_second.filter(|r| *r > 0.0);
+        if rate != self.rate {
+            self.rate = rate;
+            self.bucket = rate.map(|r| Bucket::new(r, now));
         }
-        if self.hourly_quota.is_some_and(|q| self.hour_sent >= q) {
-            let h = ((secs / 3600 + 1) * 3600) as f64;
-            at = Some(at.map_or(h, |a| a.max(h)));
+    }
+
+    /// When this address may send again (toward `group` if given), or `None` if it may now.
+    fn quota_opens_at(&mut self, group: Option<ProviderGroup>, now: f64) -> Option<f64> {
+        let mut at = self.sent.opens_at(now, self.window, self.limits);
+        if let Some(g) = group
+            && let Some(limits) = self.group_limits.get(&g).copied()
+        {
+            let w = self.window;
+            let ga = self
+                .group_sent
+                .entry(g)
+                .or_default()
+                .opens_at(now, w, limits);
+            at = match (at, ga) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
         }
         at
+    }
+
+    fn count(&mut self, group: ProviderGroup, now: f64) {
+        let w = self.window;
+        self.sent.roll(now, w);
+        self.sent.count();
+        let g = self.group_sent.entry(group).or_default();
+        g.roll(now, w);
+        g.count();
     }
 }
 
@@ -190,10 +313,21 @@ impl AddrState {
 pub struct AddressUsage {
     pub address: IpAddr,
     pub sent_this_hour: u64,
+    /// Sent in the current quota window (a UTC day unless configured otherwise).
     pub sent_today: u64,
     pub hourly_quota: Option<u64>,
     pub daily_quota: Option<u64>,
     pub connections: usize,
+    pub paused: bool,
+}
+
+/// Counters of one address (and provider group, `None` for the address as a whole), saved
+/// so that a restarted relay does not send a window's quota twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedCounter {
+    pub address: IpAddr,
+    pub group: Option<ProviderGroup>,
+    pub counter: SentCounter,
 }
 
 /// Why no connection may be opened now.
@@ -203,6 +337,8 @@ pub enum Unavailable {
     OverQuota { until: f64 },
     /// Every candidate address is at its connection limit; retry when one closes.
     Busy,
+    /// No candidate address may send at all (none configured, or all paused).
+    NoAddress,
 }
 
 /// Decision for one message on an open connection.
@@ -212,6 +348,8 @@ pub enum MessageSlot {
     Go(Duration),
     /// The address is over quota until this Unix time.
     OverQuota { until: f64 },
+    /// The address was removed or paused since the connection opened: send no more from it.
+    Stop,
 }
 
 /// The shared shaping state of all egress addresses.
@@ -225,6 +363,9 @@ pub struct Shaper {
 struct ShaperState {
     order: Vec<IpAddr>,
     addrs: HashMap<IpAddr, AddrState>,
+    /// Addresses removed by a reconfiguration (or counters restored for addresses not
+    /// configured yet): kept so that open connections and counters survive a re-add.
+    retired: HashMap<IpAddr, AddrState>,
     providers: BTreeMap<ProviderGroup, ProviderLimits>,
     next: usize,
 }
@@ -241,7 +382,12 @@ pub struct ConnectionPermit {
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         let mut st = self.shaper.lock();
-        if let Some(a) = st.addrs.get_mut(&self.address) {
+        let st = &mut *st;
+        if let Some(a) = st
+            .addrs
+            .get_mut(&self.address)
+            .or_else(|| st.retired.get_mut(&self.address))
+        {
             a.connections = a.connections.saturating_sub(1);
             if let Some(c) = a.group_connections.get_mut(&self.group) {
                 *c = c.saturating_sub(1);
@@ -252,38 +398,18 @@ impl Drop for ConnectionPermit {
 
 impl Shaper {
     pub fn new(egress: &[EgressConfig], shaping: &ShapingConfig, now: f64) -> Arc<Self> {
-        let mut addrs = HashMap::new();
-        for e in egress {
-            addrs.insert(
-                e.address,
-                AddrState {
-                    helo: e.helo.clone(),
-                    daily_quota: e.daily_quota,
-                    hourly_quota: e.hourly_quota,
-                    max_connections: e.max_connections,
-                    hour: now as u64 / 3600,
-                    hour_sent: 0,
-                    day: now as u64 / 86400,
-                    day_sent: 0,
-                    connections: 0,
-                    group_connections: HashMap::new(),
-                    bucket: e
-                        .messages_per_second
-                        .filter(|r| *r > 0.0)
-                        .map(|r| Bucket::new(r, now)),
-                    group_buckets: HashMap::new(),
-                },
-            );
-        }
-        Arc::new(Shaper {
+        let shaper = Arc::new(Shaper {
             state: Mutex::new(ShaperState {
-                order: egress.iter().map(|e| e.address).collect(),
-                addrs,
-                providers: shaping.providers.clone(),
+                order: Vec::new(),
+                addrs: HashMap::new(),
+                retired: HashMap::new(),
+                providers: BTreeMap::new(),
                 next: 0,
             }),
             overflow: shaping.overflow,
-        })
+        });
+        shaper.reconfigure(egress, shaping, now);
+        shaper
     }
 
     fn lock(&self) -> MutexGuard<'_, ShaperState> {
@@ -291,9 +417,69 @@ impl Shaper {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes a new set of addresses and limits at run time. Counters and open connections of
+    /// addresses that stay are kept; removed addresses get no new connections (open ones stop
+    /// at their next message) and keep their counters in case they come back.
+    pub fn reconfigure(&self, egress: &[EgressConfig], shaping: &ShapingConfig, now: f64) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let keep: std::collections::HashSet<IpAddr> = egress.iter().map(|e| e.address).collect();
+        let gone: Vec<IpAddr> = st
+            .addrs
+            .keys()
+            .filter(|ip| !keep.contains(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            if let Some(a) = st.addrs.remove(&ip) {
+                st.retired.insert(ip, a);
+            }
+        }
+        for e in egress {
+            let mut a = match st.addrs.remove(&e.address) {
+                Some(a) => a,
+                None => st
+                    .retired
+                    .remove(&e.address)
+                    .unwrap_or_else(|| AddrState::new(now)),
+            };
+            a.update(e, now);
+            st.addrs.insert(e.address, a);
+        }
+        st.order = egress.iter().map(|e| e.address).collect();
+        let providers_changed = st
+            .providers
+            .iter()
+            .map(|(g, p)| (g, p.messages_per_second_per_address))
+            .ne(shaping
+                .providers
+                .iter()
+                .map(|(g, p)| (g, p.messages_per_second_per_address)));
+        if providers_changed {
+            for a in st.addrs.values_mut() {
+                a.group_buckets.clear();
+            }
+        }
+        st.providers = shaping.providers.clone();
+    }
+
     /// The addresses in configuration order.
     pub fn addresses(&self) -> Vec<IpAddr> {
         self.lock().order.clone()
+    }
+
+    /// How many addresses may send new mail (configured and not paused).
+    pub fn usable_addresses(&self) -> usize {
+        self.lock().addrs.values().filter(|a| !a.paused).count()
+    }
+
+    /// The most messages one connection toward `group` may carry, if the group limits it.
+    pub fn messages_per_connection(&self, group: ProviderGroup) -> Option<usize> {
+        self.lock()
+            .providers
+            .get(&group)
+            .and_then(|p| p.max_messages_per_connection)
+            .filter(|n| *n > 0)
     }
 
     /// The next address in round-robin order, used to spread mail evenly when each message
@@ -314,8 +500,7 @@ impl Shaper {
         let mut st = self.lock();
         match st.addrs.get_mut(&address) {
             Some(a) => {
-                a.daily_quota = daily;
-                a.hourly_quota = hourly;
+                a.limits = QuotaLimits { daily, hourly };
                 true
             }
             None => false,
@@ -329,17 +514,63 @@ impl Shaper {
             .into_iter()
             .filter_map(|ip| {
                 let a = st.addrs.get_mut(&ip)?;
-                a.roll(now);
+                let w = a.window;
+                a.sent.roll(now, w);
                 Some(AddressUsage {
                     address: ip,
-                    sent_this_hour: a.hour_sent,
-                    sent_today: a.day_sent,
-                    hourly_quota: a.hourly_quota,
-                    daily_quota: a.daily_quota,
+                    sent_this_hour: a.sent.hour_sent,
+                    sent_today: a.sent.window_sent,
+                    hourly_quota: a.limits.hourly,
+                    daily_quota: a.limits.daily,
                     connections: a.connections,
+                    paused: a.paused,
                 })
             })
             .collect()
+    }
+
+    /// The counters of every address and group (configured or retired), to save them.
+    pub fn counters(&self) -> Vec<SavedCounter> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        for (ip, a) in st.addrs.iter().chain(st.retired.iter()) {
+            out.push(SavedCounter {
+                address: *ip,
+                group: None,
+                counter: a.sent,
+            });
+            for (g, c) in &a.group_sent {
+                out.push(SavedCounter {
+                    address: *ip,
+                    group: Some(*g),
+                    counter: *c,
+                });
+            }
+        }
+        out.sort_by_key(|c| (c.address, c.group));
+        out
+    }
+
+    /// Restores saved counters (stale windows roll over on first use). Counters of addresses
+    /// not configured yet wait for them.
+    pub fn restore_counters(&self, saved: &[SavedCounter], now: f64) {
+        let mut st = self.lock();
+        let st = &mut *st;
+        for s in saved {
+            let a = match st.addrs.get_mut(&s.address) {
+                Some(a) => a,
+                None => st
+                    .retired
+                    .entry(s.address)
+                    .or_insert_with(|| AddrState::new(now)),
+            };
+            match s.group {
+                None => a.sent = s.counter,
+                Some(g) => {
+                    a.group_sent.insert(g, s.counter);
+                }
+            }
+        }
     }
 
     /// Opens a connection slot toward `group`, on `only` if given, otherwise on the address
@@ -361,11 +592,18 @@ impl Shaper {
         };
         let mut earliest_quota: Option<f64> = None;
         let mut best: Option<(IpAddr, usize, u64)> = None;
+        let mut usable = 0usize;
+        let mut over_quota = 0usize;
         for ip in candidates {
             let Some(a) = st.addrs.get_mut(&ip) else {
                 continue;
             };
-            if let Some(until) = a.quota_opens_at(now) {
+            if a.paused {
+                continue;
+            }
+            usable += 1;
+            if let Some(until) = a.quota_opens_at(Some(group), now) {
+                over_quota += 1;
                 earliest_quota = Some(earliest_quota.map_or(until, |e| e.min(until)));
                 continue;
             }
@@ -377,8 +615,9 @@ impl Shaper {
                 continue;
             }
             let left = a
-                .daily_quota
-                .map_or(u64::MAX, |q| q.saturating_sub(a.day_sent));
+                .limits
+                .daily
+                .map_or(u64::MAX, |q| q.saturating_sub(a.sent.window_sent));
             let better = match best {
                 None => true,
                 Some((_, conns, bleft)) => {
@@ -391,11 +630,10 @@ impl Shaper {
         }
         let Some((ip, _, _)) = best else {
             return Err(match earliest_quota {
+                _ if usable == 0 => Unavailable::NoAddress,
                 // Only report over quota when no address was merely busy: a busy one frees up
                 // sooner than a quota window opens.
-                Some(until) if self.all_over_quota(&mut st, only, now) => {
-                    Unavailable::OverQuota { until }
-                }
+                Some(until) if over_quota == usable => Unavailable::OverQuota { until },
                 _ => Unavailable::Busy,
             });
         };
@@ -414,18 +652,6 @@ impl Shaper {
         })
     }
 
-    fn all_over_quota(&self, st: &mut ShaperState, only: Option<IpAddr>, now: f64) -> bool {
-        let ips: Vec<IpAddr> = match only {
-            Some(ip) => vec![ip],
-            None => st.order.clone(),
-        };
-        ips.iter().all(|ip| {
-            st.addrs
-                .get_mut(ip)
-                .is_none_or(|a| a.quota_opens_at(now).is_some())
-        })
-    }
-
     /// Counts one message from `address` toward `group` against quotas and rate limits.
     pub fn message_slot(&self, address: IpAddr, group: ProviderGroup, now: f64) -> MessageSlot {
         let mut st = self.lock();
@@ -435,13 +661,15 @@ impl Shaper {
             .and_then(|p| p.messages_per_second_per_address)
             .filter(|r| *r > 0.0);
         let Some(a) = st.addrs.get_mut(&address) else {
-            return MessageSlot::Go(Duration::ZERO);
+            return MessageSlot::Stop;
         };
-        if let Some(until) = a.quota_opens_at(now) {
+        if a.paused {
+            return MessageSlot::Stop;
+        }
+        if let Some(until) = a.quota_opens_at(Some(group), now) {
             return MessageSlot::OverQuota { until };
         }
-        a.hour_sent += 1;
-        a.day_sent += 1;
+        a.count(group, now);
         let mut wait = 0.0f64;
         if let Some(b) = a.bucket.as_mut() {
             wait = wait.max(b.reserve(now));
@@ -467,6 +695,10 @@ mod tests {
             helo: format!("out-{ip}.example.test"),
             daily_quota: daily,
             hourly_quota: None,
+            quota_window_start: 0,
+            quota_window_seconds: None,
+            provider_quotas: BTreeMap::new(),
+            paused: false,
             max_connections: None,
             messages_per_second: None,
         }
@@ -563,6 +795,7 @@ mod tests {
             ProviderLimits {
                 max_connections_per_address: Some(1),
                 messages_per_second_per_address: None,
+                max_messages_per_connection: None,
             },
         );
         let shaper = Shaper::new(
@@ -592,6 +825,7 @@ mod tests {
             ProviderLimits {
                 max_connections_per_address: None,
                 messages_per_second_per_address: Some(2.0),
+                max_messages_per_connection: None,
             },
         );
         let shaper = Shaper::new(&[egress("127.0.0.2", None)], &cfg, now);
@@ -600,7 +834,7 @@ mod tests {
             .map(
                 |_| match shaper.message_slot(ip, ProviderGroup::Yahoo, now) {
                     MessageSlot::Go(d) => d.as_secs_f64(),
-                    MessageSlot::OverQuota { .. } => -1.0,
+                    MessageSlot::OverQuota { .. } | MessageSlot::Stop => -1.0,
                 },
             )
             .collect();
@@ -610,5 +844,118 @@ mod tests {
             shaper.message_slot(ip, ProviderGroup::Other, now),
             MessageSlot::Go(Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn reconfigure_adds_removes_and_pauses_addresses_keeping_counters() {
+        let now = 1_000_000.0;
+        let shaper = Shaper::new(
+            &[egress("127.0.0.2", Some(2))],
+            &ShapingConfig::default(),
+            now,
+        );
+        let ip2: IpAddr = "127.0.0.2".parse().unwrap();
+        let ip3: IpAddr = "127.0.0.3".parse().unwrap();
+        let p = shaper.acquire(ProviderGroup::Other, None, now).unwrap();
+        assert!(matches!(
+            shaper.message_slot(ip2, ProviderGroup::Other, now),
+            MessageSlot::Go(_)
+        ));
+        // 127.0.0.2 paused, 127.0.0.3 added: new connections leave from .3 only, the open
+        // connection on .2 stops at its next message.
+        let mut paused = egress("127.0.0.2", Some(2));
+        paused.paused = true;
+        shaper.reconfigure(
+            &[paused, egress("127.0.0.3", None)],
+            &ShapingConfig::default(),
+            now,
+        );
+        assert_eq!(shaper.usable_addresses(), 1);
+        assert_eq!(
+            shaper.message_slot(ip2, ProviderGroup::Other, now),
+            MessageSlot::Stop
+        );
+        let q = shaper.acquire(ProviderGroup::Other, None, now).unwrap();
+        assert_eq!(q.address, ip3);
+        drop((p, q));
+        // Removed entirely: no address left.
+        shaper.reconfigure(&[], &ShapingConfig::default(), now);
+        assert_eq!(
+            shaper.acquire(ProviderGroup::Other, None, now).unwrap_err(),
+            Unavailable::NoAddress
+        );
+        // Back again within the window: the one message already sent still counts.
+        shaper.reconfigure(
+            &[egress("127.0.0.2", Some(2))],
+            &ShapingConfig::default(),
+            now,
+        );
+        assert!(matches!(
+            shaper.message_slot(ip2, ProviderGroup::Other, now),
+            MessageSlot::Go(_)
+        ));
+        assert!(matches!(
+            shaper.message_slot(ip2, ProviderGroup::Other, now),
+            MessageSlot::OverQuota { .. }
+        ));
+        // Saved counters restore into a fresh shaper (a restarted relay).
+        let saved = shaper.counters();
+        let fresh = Shaper::new(&[], &ShapingConfig::default(), now);
+        fresh.restore_counters(&saved, now);
+        fresh.reconfigure(
+            &[egress("127.0.0.2", Some(2))],
+            &ShapingConfig::default(),
+            now,
+        );
+        assert_eq!(fresh.usage(now)[0].sent_today, 2);
+    }
+
+    #[test]
+    fn quota_windows_and_provider_group_quotas() {
+        // A 100-second window starting at 50; a gmail quota of 1 per window.
+        let mut e = egress("127.0.0.2", Some(3));
+        e.quota_window_start = 50;
+        e.quota_window_seconds = Some(100);
+        e.provider_quotas.insert(
+            ProviderGroup::Gmail,
+            QuotaLimits {
+                daily: Some(1),
+                hourly: None,
+            },
+        );
+        let shaper = Shaper::new(&[e], &ShapingConfig::default(), 120.0);
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(matches!(
+            shaper.message_slot(ip, ProviderGroup::Gmail, 120.0),
+            MessageSlot::Go(_)
+        ));
+        assert_eq!(
+            shaper.message_slot(ip, ProviderGroup::Gmail, 121.0),
+            MessageSlot::OverQuota { until: 150.0 }
+        );
+        assert_eq!(
+            shaper
+                .acquire(ProviderGroup::Gmail, None, 121.0)
+                .unwrap_err(),
+            Unavailable::OverQuota { until: 150.0 }
+        );
+        // Other groups still have the address's quota (3, one used).
+        assert!(matches!(
+            shaper.message_slot(ip, ProviderGroup::Other, 122.0),
+            MessageSlot::Go(_)
+        ));
+        assert!(matches!(
+            shaper.message_slot(ip, ProviderGroup::Other, 123.0),
+            MessageSlot::Go(_)
+        ));
+        assert_eq!(
+            shaper.message_slot(ip, ProviderGroup::Other, 124.0),
+            MessageSlot::OverQuota { until: 150.0 }
+        );
+        // The next window opens at 150.
+        assert!(matches!(
+            shaper.message_slot(ip, ProviderGroup::Gmail, 150.0),
+            MessageSlot::Go(_)
+        ));
     }
 }

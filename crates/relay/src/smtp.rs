@@ -6,17 +6,19 @@
 //! pipelined, so a PIPELINING client gets one write per batch of commands.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
 use smtp_proto::Request;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, SendingDomainConfig};
 use crate::delivery::Delivery;
 use crate::dkim::Signer;
 use crate::metrics::Metrics;
@@ -67,43 +69,157 @@ pub fn matching_sending_domain<'a>(domains: &'a [String], domain: &str) -> Optio
         .map(String::as_str)
 }
 
+/// The part of the listener's setup that a reconfiguration replaces as a whole. A session
+/// takes the current one before each command, so a change applies from the next command.
+pub struct InboundSettings {
+    pub listener: ListenerConfig,
+    /// Lowercased sending domains.
+    pub domains: Vec<String>,
+    /// Lowercased suppressed recipients per sending domain.
+    pub suppressed: HashMap<String, HashSet<String>>,
+    pub signer: Arc<Signer>,
+}
+
+impl InboundSettings {
+    /// Settings for `listener` and `domains` with the signer already built from them.
+    pub fn new(
+        listener: ListenerConfig,
+        domains: &[SendingDomainConfig],
+        signer: Arc<Signer>,
+    ) -> Self {
+        let norm = |d: &str| d.trim_end_matches('.').to_ascii_lowercase();
+        InboundSettings {
+            listener,
+            domains: domains.iter().map(|d| norm(&d.domain)).collect(),
+            suppressed: domains
+                .iter()
+                .filter(|d| !d.suppressed_recipients.is_empty())
+                .map(|d| {
+                    let set = d
+                        .suppressed_recipients
+                        .iter()
+                        .map(|r| r.trim().to_ascii_lowercase())
+                        .collect();
+                    (norm(&d.domain), set)
+                })
+                .collect(),
+            signer,
+        }
+    }
+}
+
 /// Everything a session needs, shared by all sessions.
 pub struct Inbound {
     pub hostname: String,
-    pub config: ListenerConfig,
-    /// Lowercased sending domains.
-    pub domains: Vec<String>,
-    pub signer: Arc<Signer>,
+    settings: RwLock<Arc<InboundSettings>>,
     pub spool: Arc<dyn Spool>,
     pub delivery: Arc<Delivery>,
     pub metrics: Arc<Metrics>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Whether new sessions are served: false until the relay has a configuration and while
+    /// it has no usable egress address (they get `421 4.3.0`).
+    pub accepting: AtomicBool,
+    open_sessions: AtomicUsize,
 }
 
-/// Loads the STARTTLS certificate and key.
+impl Inbound {
+    pub fn new(
+        hostname: String,
+        settings: InboundSettings,
+        spool: Arc<dyn Spool>,
+        delivery: Arc<Delivery>,
+        metrics: Arc<Metrics>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        accepting: bool,
+    ) -> Self {
+        Inbound {
+            hostname,
+            settings: RwLock::new(Arc::new(settings)),
+            spool,
+            delivery,
+            metrics,
+            tls,
+            accepting: AtomicBool::new(accepting),
+            open_sessions: AtomicUsize::new(0),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<InboundSettings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Replaces the settings; open sessions see them from their next command.
+    pub fn set_settings(&self, settings: InboundSettings) {
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+    }
+}
+
+/// Counts an open session until dropped.
+struct SessionSlot<'a>(&'a AtomicUsize);
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Loads the STARTTLS certificate and key from PEM files.
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, SmtpError> {
+    let read = |what, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| SmtpError::Tls {
+            what,
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    let cert_pem = read("certificate", cert)?;
+    let key_pem = read("key", key)?;
+    tls_acceptor_pem(
+        &cert_pem,
+        &key_pem,
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    )
+}
+
+/// Builds the STARTTLS acceptor from PEM text; `cert_from`/`key_from` name where the PEM came
+/// from (a file or an environment variable) in errors.
+pub fn tls_acceptor_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_from: &str,
+    key_from: &str,
+) -> Result<tokio_rustls::TlsAcceptor, SmtpError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let err = |what, path: &std::path::Path, reason: String| SmtpError::Tls {
+    let err = |what, path: &str, reason: String| SmtpError::Tls {
         what,
-        path: path.display().to_string(),
+        path: path.to_string(),
         reason,
     };
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| err("certificate", cert, e.to_string()))?
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err("certificate", cert, e.to_string()))?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| err("key", key, e.to_string()))?;
+        .map_err(|e| err("certificate", cert_from, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err(
+            "certificate",
+            cert_from,
+            "no PEM certificate found".into(),
+        ));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| err("key", key_from, e.to_string()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| err("config", cert, e.to_string()))?
+        .map_err(|e| err("config", cert_from, e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key_der)
-        .map_err(|e| err("key", key, e.to_string()))?;
+        .map_err(|e| err("key", key_from, e.to_string()))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -114,7 +230,6 @@ pub async fn serve(
     inbound: Arc<Inbound>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let sessions = Arc::new(Semaphore::new(inbound.config.max_sessions));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -130,29 +245,41 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let inbound = Arc::clone(&inbound);
-        match Arc::clone(&sessions).try_acquire_owned() {
-            Ok(permit) => {
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move {
-                    inbound.metrics.sessions.inc();
-                    let mut s = Session::new(&inbound, Box::new(stream), peer.ip(), shutdown);
-                    if let Err(e) = s.run().await {
-                        tracing::debug!(%peer, error = %e, "session ended with an error");
-                    }
-                    inbound.metrics.sessions.dec();
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                inbound.metrics.refused("too_many_sessions");
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let _ = stream
-                        .write_all(b"421 4.3.2 Too many sessions, try again later\r\n")
-                        .await;
-                });
-            }
+        if !inbound.accepting.load(Ordering::Acquire) {
+            inbound.metrics.refused("not_ready");
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let text = format!(
+                    "421 4.3.0 {} is not ready: no configuration or no usable egress address \
+                     yet, try again later\r\n",
+                    inbound.hostname
+                );
+                let _ = stream.write_all(text.as_bytes()).await;
+            });
+            continue;
         }
+        let max = inbound.settings().listener.max_sessions;
+        if inbound.open_sessions.fetch_add(1, Ordering::AcqRel) >= max {
+            inbound.open_sessions.fetch_sub(1, Ordering::AcqRel);
+            inbound.metrics.refused("too_many_sessions");
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = stream
+                    .write_all(b"421 4.3.2 Too many sessions, try again later\r\n")
+                    .await;
+            });
+            continue;
+        }
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = SessionSlot(&inbound.open_sessions);
+            inbound.metrics.sessions.inc();
+            let mut s = Session::new(&inbound, Box::new(stream), peer.ip(), shutdown);
+            if let Err(e) = s.run().await {
+                tracing::debug!(%peer, error = %e, "session ended with an error");
+            }
+            inbound.metrics.sessions.dec();
+        });
     }
 }
 
@@ -202,6 +329,8 @@ async fn read_line(
 
 struct Session<'a> {
     inb: &'a Inbound,
+    /// The settings for the current command.
+    cfg: Arc<InboundSettings>,
     io: Option<BufReader<Box<dyn Io>>>,
     out: Vec<u8>,
     peer: IpAddr,
@@ -229,6 +358,7 @@ impl<'a> Session<'a> {
     ) -> Self {
         Session {
             inb,
+            cfg: inb.settings(),
             io: Some(BufReader::with_capacity(64 * 1024, stream)),
             out: Vec::with_capacity(1024),
             peer,
@@ -281,13 +411,14 @@ impl<'a> Session<'a> {
         let mut line = Vec::with_capacity(512);
         loop {
             self.flush_if_idle().await?;
+            self.cfg = self.inb.settings();
             if *self.shutdown.borrow() && self.mail_from.is_none() {
                 self.reply("421 4.3.2 Service shutting down, try again later");
                 self.flush().await?;
                 return Ok(());
             }
-            let max = self.inb.config.max_line_length;
-            let timeout = self.inb.config.idle_timeout;
+            let max = self.cfg.listener.max_line_length;
+            let timeout = self.cfg.listener.idle_timeout;
             let idle = self.mail_from.is_none();
             let Some(io) = self.io.as_mut() else {
                 return Ok(());
@@ -367,7 +498,7 @@ impl<'a> Session<'a> {
     /// Counts a bad command; true when the session must end.
     fn bad_command(&mut self) -> bool {
         self.bad += 1;
-        if self.bad >= self.inb.config.max_bad_commands {
+        if self.bad >= self.cfg.listener.max_bad_commands {
             self.inb.metrics.refused("too_many_errors");
             self.reply("421 4.7.0 Too many errors, closing connection");
             return true;
@@ -384,15 +515,15 @@ impl<'a> Session<'a> {
     fn may_submit(&self) -> bool {
         self.user.is_some()
             || self
-                .inb
-                .config
+                .cfg
+                .listener
                 .allowed_networks
                 .iter()
                 .any(|n| n.contains(&self.peer))
     }
 
     fn auth_offered(&self) -> bool {
-        self.tls && !self.inb.config.users.is_empty()
+        self.tls && !self.cfg.listener.users.is_empty()
     }
 
     async fn command(&mut self, req: Request<String>) -> std::io::Result<Next> {
@@ -403,7 +534,7 @@ impl<'a> Session<'a> {
                 let mut lines = vec![
                     self.inb.hostname.clone(),
                     "PIPELINING".into(),
-                    format!("SIZE {}", self.inb.config.max_message_size),
+                    format!("SIZE {}", self.cfg.listener.max_message_size),
                     "8BITMIME".into(),
                     "SMTPUTF8".into(),
                     "ENHANCEDSTATUSCODES".into(),
@@ -476,7 +607,7 @@ impl<'a> Session<'a> {
         }
         if !self.may_submit() {
             self.inb.metrics.refused("not_allowed");
-            if self.inb.tls.is_some() && !self.inb.config.users.is_empty() {
+            if self.inb.tls.is_some() && !self.cfg.listener.users.is_empty() {
                 self.reply("530 5.7.0 Authentication required");
             } else {
                 let t = format!(
@@ -487,7 +618,7 @@ impl<'a> Session<'a> {
             }
             return Next::Continue;
         }
-        if from.size > self.inb.config.max_message_size {
+        if from.size > self.cfg.listener.max_message_size {
             self.inb.metrics.refused("too_big");
             self.reply("552 5.3.4 Message size exceeds fixed maximum message size");
             return Next::Continue;
@@ -497,7 +628,7 @@ impl<'a> Session<'a> {
             self.reply("550 5.7.1 Sender must be an address of a sending domain of this relay");
             return Next::Continue;
         };
-        let Some(sd) = matching_sending_domain(&self.inb.domains, &domain) else {
+        let Some(sd) = matching_sending_domain(&self.cfg.domains, &domain) else {
             self.inb.metrics.refused("unknown_sender_domain");
             let t =
                 format!("550 5.7.1 Sender domain {domain} is not a sending domain of this relay");
@@ -515,13 +646,27 @@ impl<'a> Session<'a> {
             self.reply("503 5.5.1 Send MAIL first");
             return self.bad_next();
         }
-        if self.rcpts.len() >= self.inb.config.max_recipients {
+        if self.rcpts.len() >= self.cfg.listener.max_recipients {
             self.inb.metrics.refused("too_many_recipients");
             self.reply("452 4.5.3 Too many recipients");
             return Next::Continue;
         }
         if address_domain(&to).is_none() {
             self.reply("501 5.1.3 Recipient must be a full address with a domain");
+            return Next::Continue;
+        }
+        if let Some(sd) = &self.sender_domain
+            && self
+                .cfg
+                .suppressed
+                .get(sd)
+                .is_some_and(|set| set.contains(&to.trim().to_ascii_lowercase()))
+        {
+            self.inb.metrics.refused("suppressed_recipient");
+            let t = format!(
+                "550 5.7.1 Recipient {to} is suppressed for {sd} (earlier hard bounce or complaint)"
+            );
+            self.reply(&t);
             return Next::Continue;
         }
         self.rcpts.push(to);
@@ -540,12 +685,12 @@ impl<'a> Session<'a> {
         }
         self.reply("354 Start mail input; end with <CRLF>.<CRLF>");
         self.flush().await?;
-        let max = self.inb.config.max_message_size;
+        let max = self.cfg.listener.max_message_size;
         let mut body: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut line = Vec::with_capacity(1024);
         let mut too_big = false;
         loop {
-            let timeout = self.inb.config.idle_timeout;
+            let timeout = self.cfg.listener.idle_timeout;
             let io = self.io()?;
             // Lines inside DATA are bounded only by the message size.
             let status = tokio::time::timeout(timeout, read_line(io, &mut line, max + 3))
@@ -605,9 +750,16 @@ impl<'a> Session<'a> {
             crate::dsn::rfc2822_date(now),
         );
         let domain = self.sender_domain.clone().unwrap_or_default();
+        // The sending domain may have been removed since MAIL FROM.
+        if !self.cfg.domains.contains(&domain) {
+            inb.metrics.refused("unknown_sender_domain");
+            return format!(
+                "550 5.7.1 Sender domain {domain} is no longer a sending domain of this relay"
+            );
+        }
         // RSA signing costs about a millisecond of CPU: do it on the blocking pool so the
         // runtime's workers keep serving the other sessions' I/O meanwhile.
-        let signer = Arc::clone(&inb.signer);
+        let signer = Arc::clone(&self.cfg.signer);
         let signed = tokio::task::spawn_blocking(move || {
             let sig = signer.sign(&domain, &body);
             (sig, body)
@@ -733,7 +885,7 @@ impl<'a> Session<'a> {
             return Ok(self.bad_next());
         };
         let ok = creds.as_ref().is_some_and(|(u, p)| {
-            self.inb.config.users.iter().any(|c| {
+            self.cfg.listener.users.iter().any(|c| {
                 constant_eq(c.name.as_bytes(), u.as_bytes())
                     && constant_eq(c.password.as_bytes(), p.as_bytes())
             })
@@ -752,7 +904,7 @@ impl<'a> Session<'a> {
     /// One line of an AUTH exchange; `None` if the client cancelled with `*`.
     async fn read_auth_line(&mut self) -> std::io::Result<Option<String>> {
         self.flush().await?;
-        let max = self.inb.config.max_line_length;
+        let max = self.cfg.listener.max_line_length;
         let mut line = Vec::new();
         let io = self.io()?;
         match read_line(io, &mut line, max).await? {

@@ -344,6 +344,10 @@ delivery:
             helo: helo.to_string(),
             daily_quota: None,
             hourly_quota: None,
+            quota_window_start: 0,
+            quota_window_seconds: None,
+            provider_quotas: Default::default(),
+            paused: false,
             max_connections: None,
             messages_per_second: None,
         })
