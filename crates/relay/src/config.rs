@@ -353,7 +353,48 @@ mod secs_list {
     }
 }
 
+impl ListenerConfig {
+    /// A listener on `listen` with the default limits, no TLS, nobody allowed yet.
+    pub fn new(listen: SocketAddr) -> Self {
+        ListenerConfig {
+            listen,
+            allowed_networks: Vec::new(),
+            tls: None,
+            users: Vec::new(),
+            max_message_size: default_max_message_size(),
+            max_recipients: default_max_recipients(),
+            max_sessions: default_max_sessions(),
+            max_line_length: default_max_line_length(),
+            max_bad_commands: default_max_bad_commands(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+
 impl RelayConfig {
+    /// The static part of a coordinated relay (everything else comes from the coordinator):
+    /// defaults everywhere, no sending domain, no address.
+    pub fn coordinated_base(
+        hostname: String,
+        listen: SocketAddr,
+        spool_dir: PathBuf,
+        http_listen: Option<SocketAddr>,
+    ) -> Self {
+        RelayConfig {
+            hostname,
+            listener: ListenerConfig::new(listen),
+            spool: SpoolConfig {
+                dir: spool_dir,
+                segment_size: default_segment_size(),
+            },
+            sending_domains: Vec::new(),
+            egress: Vec::new(),
+            delivery: DeliveryConfig::default(),
+            shaping: ShapingConfig::default(),
+            http_listen,
+        }
+    }
+
     /// Reads and checks a YAML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod config;
+pub mod coordinator;
 pub mod delivery;
 pub mod dkim;
 pub mod dsn;

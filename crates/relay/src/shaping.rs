@@ -473,6 +473,18 @@ impl Shaper {
         self.lock().addrs.values().filter(|a| !a.paused).count()
     }
 
+    /// Open connections on addresses that may not send new mail (paused or removed): zero
+    /// once a reconfiguration took full effect.
+    pub fn connections_on_unusable(&self) -> usize {
+        let st = self.lock();
+        st.addrs
+            .values()
+            .filter(|a| a.paused)
+            .chain(st.retired.values())
+            .map(|a| a.connections)
+            .sum()
+    }
+
     /// The most messages one connection toward `group` may carry, if the group limits it.
     pub fn messages_per_connection(&self, group: ProviderGroup) -> Option<usize> {
         self.lock()

@@ -164,6 +164,9 @@ impl Drop for SessionSlot<'_> {
     }
 }
 
+/// The STARTTLS acceptor of the listener.
+pub type TlsAcceptor = tokio_rustls::TlsAcceptor;
+
 /// Loads the STARTTLS certificate and key from PEM files.
 pub fn tls_acceptor(
     cert: &std::path::Path,

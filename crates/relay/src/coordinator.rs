@@ -1,0 +1,1218 @@
+//! Coordinated mode: the relay side of the coordinator protocol (proto/mailfleet/v1,
+//! docs/coordinator.md).
+//!
+//! The relay starts without a configuration ([`Relay::start_unconfigured`]), connects to the
+//! operator's Coordinator over mutually authenticated TLS, registers, and applies every
+//! `RelayConfig` snapshot of `WatchConfig` without restarting. The last snapshot is stored
+//! (mode 0600: it holds DKIM keys) under `<spool>/coordinator/`, so that a relay restarted
+//! while the coordinator is unreachable carries on with the configuration and quotas it had.
+//!
+//! Every `report_interval` the counter deltas since the previous report (per egress address ×
+//! provider group × outcome × sending domain) are written to `<spool>/coordinator/` with the
+//! next sequence number (fsync'ed, before sending) and deleted once acknowledged. On every
+//! (re)connect the reports at or below the `applied_sequence` of `Register` are dropped and
+//! the others are sent again in order; the coordinator applies each sequence at most once.
+//!
+//! Files of `<spool>/coordinator/` (directory mode 0700):
+//! - `config.pb`: the last snapshot applied (prost `RelayConfig`, mode 0600);
+//! - `sequence`: the last report sequence used (decimal), so numbers survive restarts;
+//! - `report-<sequence>.pb`: reports not acknowledged yet (prost `ReportRequest`);
+//! - `quota-counters`: messages sent per address (and provider group) in the current hour and
+//!   quota window, so a restart does not send a window's quota twice.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use mailfleet_proto::v1;
+use mailfleet_proto::v1::coordinator_client::CoordinatorClient;
+use prost::Message as _;
+use tokio::sync::{Notify, watch};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::client::Outcome;
+use crate::config::{
+    DkimAlgorithm, DkimKeyConfig, EgressConfig, ProviderLimits, QuotaLimits, RelayConfig,
+    SendingDomainConfig, UserConfig,
+};
+use crate::shaping::{ProviderGroup, SavedCounter, SentCounter, unix_now};
+use crate::{Control, Relay, RelayError};
+
+/// Errors of coordinated mode, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("environment variable {name} is not set or empty: {what}")]
+    MissingEnv {
+        name: &'static str,
+        what: &'static str,
+    },
+    #[error("environment variable {name} does not hold a usable {what}: {reason}")]
+    BadEnv {
+        name: &'static str,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("invalid coordinator address {endpoint:?}: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("failed to {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("stored coordinator state {path} is unreadable: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("failed to connect to the coordinator at {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+    #[error("coordinator call {call} failed: {code:?}: {message}")]
+    Rpc {
+        call: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("coordinator call {call} timed out")]
+    Timeout { call: &'static str },
+    #[error("the coordinator closed the config stream")]
+    StreamEnded,
+    #[error("invalid configuration snapshot {version} from the coordinator: {reason}")]
+    Snapshot { version: u64, reason: String },
+    #[error("the coordinator acknowledged sequence {acked} for report {sent}")]
+    NotApplied { sent: u64, acked: u64 },
+    #[error(transparent)]
+    Relay(#[from] Box<RelayError>),
+}
+
+impl CoordinatorError {
+    fn rpc(call: &'static str, status: tonic::Status) -> Self {
+        CoordinatorError::Rpc {
+            call,
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CoordinatorError {
+    let path = path.to_path_buf();
+    move |source| CoordinatorError::Io { op, path, source }
+}
+
+/// The relay's identity toward the coordinator: the pool's certificate and the pod.
+#[derive(Clone)]
+pub struct Identity {
+    /// PEM of the CA that issued the coordinator's certificate.
+    pub ca_pem: String,
+    /// PEM certificate chain and PKCS#8 key the relay presents.
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub pod_uid: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("pod_name", &self.pod_name)
+            .field("pod_namespace", &self.pod_namespace)
+            .field("pod_uid", &self.pod_uid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn env_var(name: &'static str, what: &'static str) -> Result<String, CoordinatorError> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => Ok(v),
+        _ => Err(CoordinatorError::MissingEnv { name, what }),
+    }
+}
+
+impl Identity {
+    /// Reads the identity from the environment the operator gives relay pods
+    /// (`mailfleet_proto::env`): CA, certificate and key PEM, pod name and namespace
+    /// (required) and UID (optional), and checks that the PEM parses.
+    pub fn from_env() -> Result<Identity, CoordinatorError> {
+        use mailfleet_proto::env;
+        let id = Identity {
+            ca_pem: env_var(
+                env::COORDINATOR_CA,
+                "PEM of the CA of the coordinator (from the pool's identity Secret, ca.crt)",
+            )?,
+            cert_pem: env_var(
+                env::RELAY_CERT,
+                "PEM client certificate of the relay (from the pool's identity Secret, tls.crt)",
+            )?,
+            key_pem: env_var(
+                env::RELAY_KEY,
+                "PEM private key of the relay (from the pool's identity Secret, tls.key)",
+            )?,
+            pod_name: env_var(env::POD_NAME, "the pod's name (downward API metadata.name)")?,
+            pod_namespace: env_var(
+                env::POD_NAMESPACE,
+                "the pod's namespace (downward API metadata.namespace)",
+            )?,
+            pod_uid: std::env::var(env::POD_UID).unwrap_or_default(),
+        };
+        id.check()?;
+        Ok(id)
+    }
+
+    /// Checks that the PEM texts hold a certificate and a key.
+    pub fn check(&self) -> Result<(), CoordinatorError> {
+        use mailfleet_proto::env;
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |name, what, pem: &str| {
+            let n = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CoordinatorError::BadEnv {
+                    name,
+                    what,
+                    reason: e.to_string(),
+                })?
+                .len();
+            if n == 0 {
+                return Err(CoordinatorError::BadEnv {
+                    name,
+                    what,
+                    reason: "no PEM CERTIFICATE block".into(),
+                });
+            }
+            Ok(())
+        };
+        certs(env::COORDINATOR_CA, "CA certificate", &self.ca_pem)?;
+        certs(env::RELAY_CERT, "certificate", &self.cert_pem)?;
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
+            CoordinatorError::BadEnv {
+                name: env::RELAY_KEY,
+                what: "private key",
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+}
+
+/// STARTTLS of the listener from PEM in the environment (`MAILFLEET_LISTENER_TLS_CERT` and
+/// `MAILFLEET_LISTENER_TLS_KEY`): both or neither.
+pub fn listener_tls_from_env() -> Result<Option<crate::smtp::TlsAcceptor>, CoordinatorError> {
+    use mailfleet_proto::env::{LISTENER_TLS_CERT, LISTENER_TLS_KEY};
+    let get = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
+    let bad = |name, reason: String| CoordinatorError::BadEnv {
+        name,
+        what: "listener TLS certificate and key",
+        reason,
+    };
+    match (get(LISTENER_TLS_CERT), get(LISTENER_TLS_KEY)) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => crate::smtp::tls_acceptor_pem(
+            cert.as_bytes(),
+            key.as_bytes(),
+            LISTENER_TLS_CERT,
+            LISTENER_TLS_KEY,
+        )
+        .map(Some)
+        .map_err(|e| bad(LISTENER_TLS_CERT, e.to_string())),
+        (Some(_), None) => Err(bad(
+            LISTENER_TLS_KEY,
+            format!("{LISTENER_TLS_CERT} is set but {LISTENER_TLS_KEY} is not"),
+        )),
+        (None, Some(_)) => Err(bad(
+            LISTENER_TLS_CERT,
+            format!("{LISTENER_TLS_KEY} is set but {LISTENER_TLS_CERT} is not"),
+        )),
+    }
+}
+
+/// How the relay reaches the coordinator.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// `https://HOST:PORT` of the Coordinator; the certificate is checked for
+    /// `mailfleet_proto::COORDINATOR_SERVER_NAME` whatever the host.
+    pub endpoint: String,
+    pub identity: Identity,
+    /// Where the snapshot, the sequence and the pending reports live (`<spool>/coordinator`).
+    pub state_dir: PathBuf,
+    pub report_interval: Duration,
+    /// How long the first connection may take before the stored snapshot is used.
+    pub initial_wait: Duration,
+    pub connect_timeout: Duration,
+    /// Timeout of the unary calls (Register, Report).
+    pub call_timeout: Duration,
+    /// Reconnect backoff: first wait and cap (doubling in between).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl CoordinatorOptions {
+    /// Defaults: reports every 2 s, state in `<spool_dir>/coordinator`, reconnects after
+    /// 0.5 s doubling up to 30 s.
+    pub fn new(endpoint: impl Into<String>, identity: Identity, spool_dir: &Path) -> Self {
+        CoordinatorOptions {
+            endpoint: endpoint.into(),
+            identity,
+            state_dir: spool_dir.join("coordinator"),
+            report_interval: Duration::from_secs(2),
+            initial_wait: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The mTLS channel settings for the coordinator.
+pub fn endpoint(opts: &CoordinatorOptions) -> Result<Endpoint, CoordinatorError> {
+    let bad = |reason: String| CoordinatorError::Endpoint {
+        endpoint: opts.endpoint.clone(),
+        reason,
+    };
+    if !opts.endpoint.starts_with("https://") {
+        return Err(bad(
+            "must start with https:// (the coordinator is only spoken to over mTLS)".into(),
+        ));
+    }
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&opts.identity.ca_pem))
+        .identity(tonic::transport::Identity::from_pem(
+            &opts.identity.cert_pem,
+            &opts.identity.key_pem,
+        ))
+        .domain_name(mailfleet_proto::COORDINATOR_SERVER_NAME);
+    Endpoint::from_shared(opts.endpoint.clone())
+        .map_err(|e| bad(e.to_string()))?
+        .tls_config(tls)
+        .map_err(|e| bad(format!("tls setup: {e}")))
+        .map(|e| {
+            e.connect_timeout(opts.connect_timeout)
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+/// Writes `bytes` to `path` atomically and durably (temporary file, fsync, rename, fsync of
+/// the directory), created with `mode`.
+fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CoordinatorError> {
+    let tmp = path.with_extension("tmp");
+    // The mode applies on creation only: never reuse a leftover temporary file.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    f.write_all(bytes).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    sync_dir(path)
+}
+
+fn sync_dir(path: &Path) -> Result<(), CoordinatorError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, CoordinatorError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CoordinatorError::Io {
+            op: "read",
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Creates the state directory (mode 0700).
+pub fn create_state_dir(dir: &Path) -> Result<(), CoordinatorError> {
+    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("set permissions of", dir))
+}
+
+const SNAPSHOT_FILE: &str = "config.pb";
+const SEQUENCE_FILE: &str = "sequence";
+const COUNTERS_FILE: &str = "quota-counters";
+
+/// The stored snapshot, if any.
+pub fn load_snapshot(dir: &Path) -> Result<Option<v1::RelayConfig>, CoordinatorError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let Some(bytes) = read_optional(&path)? else {
+        return Ok(None);
+    };
+    v1::RelayConfig::decode(bytes.as_slice())
+        .map(Some)
+        .map_err(|e| CoordinatorError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+}
+
+/// Stores `snapshot` as the one to start from (mode 0600).
+pub fn store_snapshot(dir: &Path, snapshot: &v1::RelayConfig) -> Result<(), CoordinatorError> {
+    write_durable(&dir.join(SNAPSHOT_FILE), &snapshot.encode_to_vec(), 0o600)
+}
+
+fn encode_counters(counters: &[SavedCounter]) -> String {
+    let mut s = String::new();
+    for c in counters {
+        let group = c.group.map_or("-", ProviderGroup::as_str);
+        let k = c.counter;
+        s.push_str(&format!(
+            "{} {group} {} {} {} {}\n",
+            c.address, k.hour, k.hour_sent, k.window_begin, k.window_sent
+        ));
+    }
+    s
+}
+
+fn decode_counters(text: &str) -> Vec<SavedCounter> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let [addr, group, hour, hour_sent, begin, sent] = f.as_slice() else {
+                return None;
+            };
+            Some(SavedCounter {
+                address: addr.parse().ok()?,
+                group: match *group {
+                    "-" => None,
+                    g => Some(g.parse().ok()?),
+                },
+                counter: SentCounter {
+                    hour: hour.parse().ok()?,
+                    hour_sent: hour_sent.parse().ok()?,
+                    window_begin: begin.parse().ok()?,
+                    window_sent: sent.parse().ok()?,
+                },
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reports
+
+/// Reports written but not acknowledged, and the sequence counter, on disk.
+#[derive(Debug)]
+pub struct ReportStore {
+    dir: PathBuf,
+    state: Mutex<ReportState>,
+}
+
+#[derive(Debug)]
+struct ReportState {
+    last_sequence: u64,
+    pending: BTreeMap<u64, v1::ReportRequest>,
+}
+
+fn report_path(dir: &Path, sequence: u64) -> PathBuf {
+    dir.join(format!("report-{sequence:020}.pb"))
+}
+
+impl ReportStore {
+    /// Loads the sequence counter and the pending reports of `dir`.
+    pub fn open(dir: &Path) -> Result<ReportStore, CoordinatorError> {
+        let seq_path = dir.join(SEQUENCE_FILE);
+        let mut last_sequence = match read_optional(&seq_path)? {
+            None => 0,
+            Some(b) => String::from_utf8_lossy(&b).trim().parse().map_err(|e| {
+                CoordinatorError::Corrupt {
+                    path: seq_path.clone(),
+                    reason: format!("{e}"),
+                }
+            })?,
+        };
+        let mut pending = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
+            let entry = entry.map_err(io_err("list", dir))?;
+            let name = entry.file_name();
+            let Some(seq) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("report-"))
+                .and_then(|n| n.strip_suffix(".pb"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let path = entry.path();
+            let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+            match v1::ReportRequest::decode(bytes.as_slice()) {
+                Ok(r) if r.sequence == seq => {
+                    last_sequence = last_sequence.max(seq);
+                    pending.insert(seq, r);
+                }
+                // Reports are renamed into place complete; anything else is not ours to send.
+                _ => {
+                    tracing::warn!(path = %path.display(), "ignoring an unreadable stored report");
+                }
+            }
+        }
+        Ok(ReportStore {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(ReportState {
+                last_sequence,
+                pending,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ReportState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last sequence number used.
+    pub fn last_sequence(&self) -> u64 {
+        self.lock().last_sequence
+    }
+
+    /// Sequences written and not acknowledged yet, in order.
+    pub fn pending(&self) -> Vec<u64> {
+        self.lock().pending.keys().copied().collect()
+    }
+
+    /// Gives `report` the next sequence number and makes it durable; returns the sequence.
+    pub fn write(&self, mut report: v1::ReportRequest) -> Result<u64, CoordinatorError> {
+        let mut st = self.lock();
+        let seq = st.last_sequence + 1;
+        report.sequence = seq;
+        write_durable(&report_path(&self.dir, seq), &report.encode_to_vec(), 0o600)?;
+        write_durable(
+            &self.dir.join(SEQUENCE_FILE),
+            format!("{seq}\n").as_bytes(),
+            0o600,
+        )?;
+        st.last_sequence = seq;
+        st.pending.insert(seq, report);
+        Ok(seq)
+    }
+
+    /// The oldest report not acknowledged.
+    pub fn first(&self) -> Option<v1::ReportRequest> {
+        self.lock().pending.values().next().cloned()
+    }
+
+    /// Forgets every report at or below `applied` (acknowledged, or applied before a restart)
+    /// and moves the counter past it, so that new reports are never taken for old ones.
+    pub fn applied(&self, applied: u64) -> Result<(), CoordinatorError> {
+        let mut st = self.lock();
+        let done: Vec<u64> = st.pending.range(..=applied).map(|(s, _)| *s).collect();
+        for seq in done {
+            let path = report_path(&self.dir, seq);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(CoordinatorError::Io {
+                        op: "delete",
+                        path,
+                        source: e,
+                    });
+                }
+            }
+            st.pending.remove(&seq);
+        }
+        if applied > st.last_sequence {
+            tracing::warn!(
+                applied,
+                last = st.last_sequence,
+                "the coordinator has applied more reports than this relay remembers (spool lost?): continuing after its sequence"
+            );
+            write_durable(
+                &self.dir.join(SEQUENCE_FILE),
+                format!("{applied}\n").as_bytes(),
+                0o600,
+            )?;
+            st.last_sequence = applied;
+        }
+        Ok(())
+    }
+}
+
+fn outcome_to_proto(o: Outcome) -> v1::Outcome {
+    match o {
+        Outcome::Delivered => v1::Outcome::Delivered,
+        Outcome::Deferred => v1::Outcome::Deferred,
+        Outcome::Bounced => v1::Outcome::HardBounce,
+        Outcome::Blocked => v1::Outcome::PolicyBlock,
+    }
+}
+
+type DeltaKey = (String, &'static str, i32, String);
+
+/// Counter deltas since the previous call that succeeded, per address × provider group ×
+/// outcome × sending domain (the configured domain the sender's domain belongs to; the
+/// sender's own domain if none; empty for DSNs). Outcomes without a connection (DNS
+/// failures, null MX) have an empty address.
+fn deltas(
+    current: &BTreeMap<crate::metrics::SenderKey, u64>,
+    previous: &BTreeMap<crate::metrics::SenderKey, u64>,
+    domains: &[String],
+) -> Vec<v1::CounterDelta> {
+    let mut agg: BTreeMap<DeltaKey, u64> = BTreeMap::new();
+    for (key, n) in current {
+        let d = n.saturating_sub(previous.get(key).copied().unwrap_or(0));
+        if d == 0 {
+            continue;
+        }
+        let (addr, group, outcome, sender) = key;
+        let domain = crate::smtp::matching_sending_domain(domains, sender)
+            .unwrap_or(sender)
+            .to_string();
+        let k = (
+            addr.map(|a| a.to_string()).unwrap_or_default(),
+            group.as_str(),
+            outcome_to_proto(*outcome) as i32,
+            domain,
+        );
+        *agg.entry(k).or_insert(0) += d;
+    }
+    agg.into_iter()
+        .map(
+            |((address, group, outcome, domain), count)| v1::CounterDelta {
+                address,
+                provider_group: group.to_string(),
+                outcome,
+                count,
+                domain,
+            },
+        )
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot → relay configuration
+
+/// Translates a snapshot into the relay's configuration, on top of the static settings of
+/// `base` (hostname, listen addresses, spool, TLS, static routes, MX suffixes).
+pub fn relay_config(
+    base: &RelayConfig,
+    snap: &v1::RelayConfig,
+) -> Result<RelayConfig, CoordinatorError> {
+    let bad = |reason: String| CoordinatorError::Snapshot {
+        version: snap.version,
+        reason,
+    };
+    let mut c = base.clone();
+    c.sending_domains = snap
+        .domains
+        .iter()
+        .map(|d| {
+            let dkim = d
+                .signing_keys
+                .iter()
+                .map(|k| {
+                    let algorithm = match v1::DkimAlgorithm::try_from(k.algorithm) {
+                        Ok(v1::DkimAlgorithm::RsaSha256) => DkimAlgorithm::Rsa,
+                        Ok(v1::DkimAlgorithm::Ed25519Sha256) => DkimAlgorithm::Ed25519,
+                        _ => {
+                            return Err(bad(format!(
+                                "dkim key {} of {} has no known algorithm ({})",
+                                k.selector, d.domain, k.algorithm
+                            )));
+                        }
+                    };
+                    Ok(DkimKeyConfig {
+                        selector: k.selector.clone(),
+                        algorithm,
+                        private_key_pem: Some(der_to_pem("PRIVATE KEY", &k.private_key)),
+                        private_key_file: None,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if !d.addresses.is_empty() {
+                tracing::debug!(domain = %d.domain, "dedicated addresses are not enforced by the relay yet");
+            }
+            Ok(SendingDomainConfig {
+                domain: d.domain.clone(),
+                dkim,
+                suppressed_recipients: d.suppressed_recipients.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, CoordinatorError>>()?;
+
+    let shaping = snap.shaping.clone().unwrap_or_default();
+    let nz32 = |n: u32| (n > 0).then_some(n as usize);
+    let nz64 = |n: u64| (n > 0).then_some(n);
+    c.shaping.providers = BTreeMap::new();
+    for p in &shaping.providers {
+        let group: ProviderGroup = p.provider_group.parse().map_err(|e: String| bad(e))?;
+        c.shaping.providers.insert(
+            group,
+            ProviderLimits {
+                max_connections_per_address: nz32(p.max_connections),
+                messages_per_second_per_address: (p.max_messages_per_minute > 0)
+                    .then(|| f64::from(p.max_messages_per_minute) / 60.0),
+                max_messages_per_connection: nz32(p.max_messages_per_connection),
+            },
+        );
+    }
+
+    c.egress = Vec::new();
+    for a in &snap.addresses {
+        let address: IpAddr = a
+            .address
+            .trim()
+            .parse()
+            .map_err(|e| bad(format!("egress address {:?}: {e}", a.address)))?;
+        let state = v1::AddressState::try_from(a.state).unwrap_or(v1::AddressState::Unspecified);
+        let paused = matches!(
+            state,
+            v1::AddressState::Paused | v1::AddressState::Quarantined | v1::AddressState::Draining
+        );
+        let mut e = EgressConfig {
+            address,
+            helo: if a.helo_name.is_empty() {
+                base.hostname.clone()
+            } else {
+                a.helo_name.clone()
+            },
+            daily_quota: None,
+            hourly_quota: None,
+            quota_window_start: 0,
+            quota_window_seconds: None,
+            provider_quotas: BTreeMap::new(),
+            paused,
+            max_connections: nz32(shaping.max_connections_per_address),
+            messages_per_second: None,
+        };
+        for q in snap.quotas.iter().filter(|q| {
+            q.address
+                .trim()
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip == address)
+        }) {
+            let limits = QuotaLimits {
+                daily: nz64(q.window_limit),
+                hourly: nz64(q.hourly_limit),
+            };
+            if q.window_seconds > 0 {
+                e.quota_window_start = q.window_start_unix;
+                e.quota_window_seconds = Some(q.window_seconds);
+            }
+            if q.provider_group.is_empty() {
+                e.daily_quota = limits.daily;
+                e.hourly_quota = limits.hourly;
+            } else {
+                let group: ProviderGroup = q.provider_group.parse().map_err(|e: String| bad(e))?;
+                e.provider_quotas.insert(group, limits);
+            }
+        }
+        c.egress.push(e);
+    }
+
+    if let Some(d) = &snap.delivery {
+        if !d.retry_schedule_seconds.is_empty() {
+            c.delivery.retry_intervals = d
+                .retry_schedule_seconds
+                .iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect();
+        }
+        if d.max_queue_lifetime_seconds > 0 {
+            c.delivery.max_lifetime = Duration::from_secs(d.max_queue_lifetime_seconds);
+        }
+        c.delivery.dsn = d.dsn;
+        c.delivery.port = match d.destination_port {
+            0 => 25,
+            p => u16::try_from(p).map_err(|_| bad(format!("destination port {p}")))?,
+        };
+        c.delivery.nameservers = d
+            .nameservers
+            .iter()
+            .map(|n| parse_nameserver(n).ok_or_else(|| bad(format!("nameserver {n:?}"))))
+            .collect::<Result<_, _>>()?;
+    }
+
+    if let Some(l) = &snap.listener {
+        c.listener.allowed_networks = l
+            .allowed_networks
+            .iter()
+            .map(|n| {
+                let n = n.trim();
+                n.parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| bad(format!("allowed network {n:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        if l.max_message_bytes > 0 {
+            c.listener.max_message_size =
+                usize::try_from(l.max_message_bytes).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = nz32(l.max_recipients) {
+            c.listener.max_recipients = n;
+        }
+        if let Some(n) = nz32(l.max_sessions) {
+            c.listener.max_sessions = n;
+        }
+        let users: BTreeMap<&String, &String> = l.users.iter().collect();
+        c.listener.users = users
+            .into_iter()
+            .map(|(name, password)| UserConfig {
+                name: name.clone(),
+                password: password.clone(),
+            })
+            .collect();
+    }
+    c.validate_pushed().map_err(|e| bad(e.to_string()))?;
+    Ok(c)
+}
+
+fn parse_nameserver(s: &str) -> Option<SocketAddr> {
+    let s = s.trim();
+    s.parse::<SocketAddr>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
+}
+
+fn der_to_pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The running client
+
+struct Shared {
+    opts: CoordinatorOptions,
+    endpoint: Endpoint,
+    control: Arc<Control>,
+    reports: ReportStore,
+    report_ready: Notify,
+    /// Serializes applying snapshots; holds the version applied (0 for none).
+    applied: Mutex<u64>,
+    /// The newest version applied completely (no connection left on addresses it does not
+    /// allow), as reports confirm it.
+    complete: AtomicU64,
+    /// Whether a session with the coordinator is up (for tests and logs).
+    connected: watch::Sender<bool>,
+    /// The counters of the last report written, its complete version, and the quota
+    /// counters last saved.
+    prev: Mutex<(BTreeMap<crate::metrics::SenderKey, u64>, u64, String)>,
+    /// Registrations that succeeded (for tests and logs).
+    registrations: AtomicU64,
+}
+
+impl Shared {
+    fn applied_version(&self) -> u64 {
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a snapshot; `stored` says it comes from disk (applied only if nothing newer
+    /// came from the coordinator meanwhile, and not written back).
+    fn apply(&self, snap: &v1::RelayConfig, stored: bool) -> Result<(), CoordinatorError> {
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        if stored && self.control.is_configured() {
+            return Ok(());
+        }
+        let config = relay_config(&self.control.base, snap)?;
+        self.control
+            .reconfigure(&config)
+            .map_err(|e| CoordinatorError::Snapshot {
+                version: snap.version,
+                reason: e.to_string(),
+            })?;
+        *applied = snap.version;
+        let usable = config.egress.iter().filter(|e| !e.paused).count();
+        tracing::info!(
+            version = snap.version,
+            stored,
+            domains = config.sending_domains.len(),
+            addresses = config.egress.len(),
+            usable,
+            "applied the relay configuration"
+        );
+        if !stored && let Err(e) = store_snapshot(&self.opts.state_dir, snap) {
+            tracing::error!(error = %e, "failed to store the configuration snapshot");
+        }
+        Ok(())
+    }
+}
+
+/// A relay in coordinated mode: the relay plus its coordinator client.
+#[derive(Debug)]
+pub struct Coordinated {
+    relay: Relay,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("endpoint", &self.opts.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Coordinated {
+    /// Starts the relay unconfigured and the coordinator client: registers, applies the
+    /// snapshots it streams, falls back to the stored snapshot when the coordinator is not
+    /// reachable within `initial_wait`, and reports every `report_interval`.
+    pub async fn start(
+        base: RelayConfig,
+        listener_tls: Option<tokio_rustls::TlsAcceptor>,
+        opts: CoordinatorOptions,
+    ) -> Result<Coordinated, CoordinatorError> {
+        opts.identity.check()?;
+        let endpoint = endpoint(&opts)?;
+        create_state_dir(&opts.state_dir)?;
+        let reports = ReportStore::open(&opts.state_dir)?;
+        let stored = match load_snapshot(&opts.state_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "ignoring the stored configuration snapshot");
+                None
+            }
+        };
+        let relay = Relay::start_unconfigured(base, listener_tls)
+            .await
+            .map_err(|e| CoordinatorError::Relay(Box::new(e)))?;
+        let control = relay.control();
+        if let Some(text) = read_optional(&opts.state_dir.join(COUNTERS_FILE))? {
+            let saved = decode_counters(&String::from_utf8_lossy(&text));
+            control.shaper().restore_counters(&saved, unix_now());
+        }
+        let shared = Arc::new(Shared {
+            opts,
+            endpoint,
+            control,
+            reports,
+            report_ready: Notify::new(),
+            applied: Mutex::new(0),
+            complete: AtomicU64::new(0),
+            connected: watch::channel(false).0,
+            prev: Mutex::new((BTreeMap::new(), 0, String::new())),
+            registrations: AtomicU64::new(0),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let first_failure = Arc::new(Notify::new());
+        let tasks = vec![
+            tokio::spawn(fallback_to_stored(
+                Arc::clone(&shared),
+                stored,
+                Arc::clone(&first_failure),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(connection_loop(
+                Arc::clone(&shared),
+                first_failure,
+                stop_rx.clone(),
+            )),
+            tokio::spawn(report_loop(Arc::clone(&shared), stop_rx)),
+        ];
+        Ok(Coordinated {
+            relay,
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The running relay.
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
+    /// The version of the configuration applied (0 for none).
+    pub fn applied_version(&self) -> u64 {
+        self.shared.applied_version()
+    }
+
+    /// Whether a session with the coordinator is up.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.shared.connected.subscribe()
+    }
+
+    /// Sequences of reports written and not acknowledged yet.
+    pub fn pending_reports(&self) -> Vec<u64> {
+        self.shared.reports.pending()
+    }
+
+    /// Writes a report of the counters now (as the report loop does each interval) and
+    /// returns its sequence, or `None` when there was nothing to report.
+    pub fn report_now(&self) -> Result<Option<u64>, CoordinatorError> {
+        let seq = self.shared.tick()?;
+        if seq.is_some() {
+            self.shared.report_ready.notify_one();
+        }
+        Ok(seq)
+    }
+
+    /// Registrations with the coordinator that succeeded so far.
+    pub fn registrations(&self) -> u64 {
+        self.shared.registrations.load(Ordering::Acquire)
+    }
+
+    /// Drains the relay (see [`Relay::shutdown`]), writes a last report and tries to send
+    /// what is pending for up to two seconds; what is not acknowledged stays on disk.
+    pub async fn shutdown(self, grace: Duration) {
+        self.relay.shutdown(grace).await;
+        match self.shared.tick() {
+            Ok(Some(_)) => self.shared.report_ready.notify_one(),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "failed to write the last report"),
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.shared.reports.pending().is_empty()
+            && *self.shared.connected.borrow()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Shared {
+    /// Writes a report of the deltas since the previous one, when there are deltas or the
+    /// completely applied configuration version changed; returns its sequence.
+    fn tick(&self) -> Result<Option<u64>, CoordinatorError> {
+        let mut prev = self.prev.lock().unwrap_or_else(|e| e.into_inner());
+        let shaper = self.control.shaper();
+        // The applied version is complete once no connection is left on an address that it
+        // does not allow.
+        let applied = self.applied_version();
+        if shaper.connections_on_unusable() == 0 {
+            self.complete.fetch_max(applied, Ordering::AcqRel);
+        }
+        let complete = self.complete.load(Ordering::Acquire);
+        let current = self.control.metrics().deliveries_by_sender();
+        let deltas = deltas(&current, &prev.0, &self.control.sending_domains());
+        let counters = encode_counters(&shaper.counters());
+        if counters != prev.2 {
+            let path = self.opts.state_dir.join(COUNTERS_FILE);
+            match write_durable(&path, counters.as_bytes(), 0o600) {
+                Ok(()) => prev.2 = counters,
+                Err(e) => tracing::warn!(error = %e, "failed to save the quota counters"),
+            }
+        }
+        if deltas.is_empty() && complete == prev.1 {
+            return Ok(None);
+        }
+        let id = &self.opts.identity;
+        let seq = self.reports.write(v1::ReportRequest {
+            pod_name: id.pod_name.clone(),
+            pod_namespace: id.pod_namespace.clone(),
+            sequence: 0,
+            deltas,
+            observed_unix: unix_now() as i64,
+            applied_config_version: complete,
+        })?;
+        prev.0 = current;
+        prev.1 = complete;
+        Ok(Some(seq))
+    }
+}
+
+async fn report_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.opts.report_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match shared.tick() {
+            Ok(Some(seq)) => {
+                tracing::debug!(seq, "report written");
+                shared.report_ready.notify_one();
+            }
+            Ok(None) => {}
+            // The deltas stay in the counters and go into the next report.
+            Err(e) => tracing::error!(error = %e, "failed to write a report"),
+        }
+    }
+}
+
+/// Applies the stored snapshot when the first connection fails or takes too long.
+async fn fallback_to_stored(
+    shared: Arc<Shared>,
+    stored: Option<v1::RelayConfig>,
+    first_failure: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(snap) = stored else {
+        return;
+    };
+    tokio::select! {
+        _ = tokio::time::sleep(shared.opts.initial_wait) => {}
+        _ = first_failure.notified() => {}
+        _ = stop.wait_for(|s| *s) => return,
+    }
+    if shared.control.is_configured() {
+        return;
+    }
+    tracing::warn!(
+        version = snap.version,
+        "the coordinator is not reachable: carrying on with the stored configuration"
+    );
+    if let Err(e) = shared.apply(&snap, true) {
+        tracing::error!(error = %e, "failed to apply the stored configuration");
+    }
+}
+
+async fn connection_loop(
+    shared: Arc<Shared>,
+    first_failure: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = shared.opts.backoff_min;
+    loop {
+        let mut got_config = false;
+        let result = tokio::select! {
+            r = session(&shared, &mut got_config) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        shared.connected.send_replace(false);
+        match result {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "coordinator session ended"),
+        }
+        if !shared.control.is_configured() {
+            first_failure.notify_one();
+        }
+        if got_config {
+            backoff = shared.opts.backoff_min;
+        }
+        // A little jitter so that a fleet does not reconnect in step.
+        let jitter = Duration::from_millis(u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+                % 250,
+        ));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(shared.opts.backoff_max);
+    }
+}
+
+async fn timed<T>(
+    call: &'static str,
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CoordinatorError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(status)) => Err(CoordinatorError::rpc(call, status)),
+        Err(_) => Err(CoordinatorError::Timeout { call }),
+    }
+}
+
+/// One session: connect, register, then watch the config and send reports until either
+/// fails.
+async fn session(shared: &Shared, got_config: &mut bool) -> Result<(), CoordinatorError> {
+    let opts = &shared.opts;
+    let channel: Channel =
+        shared
+            .endpoint
+            .connect()
+            .await
+            .map_err(|source| CoordinatorError::Connect {
+                endpoint: opts.endpoint.clone(),
+                source,
+            })?;
+    let mut client = CoordinatorClient::new(channel);
+    let id = &opts.identity;
+    let reg = timed(
+        "Register",
+        opts.call_timeout,
+        client.register(v1::RegisterRequest {
+            pod_name: id.pod_name.clone(),
+            pod_namespace: id.pod_namespace.clone(),
+            pod_uid: id.pod_uid.clone(),
+            relay_version: env!("CARGO_PKG_VERSION").to_string(),
+        }),
+    )
+    .await?;
+    shared.registrations.fetch_add(1, Ordering::AcqRel);
+    tracing::info!(
+        pool = %reg.pool,
+        addresses = reg.addresses.len(),
+        applied_sequence = reg.applied_sequence,
+        pending = shared.reports.pending().len(),
+        "registered with the coordinator"
+    );
+    shared.reports.applied(reg.applied_sequence)?;
+    let mut stream = client
+        .watch_config(v1::WatchConfigRequest {
+            pod_name: id.pod_name.clone(),
+            pod_namespace: id.pod_namespace.clone(),
+            known_version: shared.applied_version(),
+        })
+        .await
+        .map_err(|s| CoordinatorError::rpc("WatchConfig", s))?
+        .into_inner();
+    shared.connected.send_replace(true);
+    let watch = async {
+        loop {
+            match stream.message().await {
+                Ok(Some(snap)) => {
+                    *got_config = true;
+                    // A snapshot the relay cannot use is logged and skipped: the relay keeps
+                    // the configuration it has until a usable one arrives.
+                    if let Err(e) = shared.apply(&snap, false) {
+                        tracing::error!(error = %e, "refused a configuration snapshot");
+                    }
+                }
+                Ok(None) => return Err(CoordinatorError::StreamEnded),
+                Err(status) => return Err(CoordinatorError::rpc("WatchConfig", status)),
+            }
+        }
+    };
+    let mut reporter = client.clone();
+    let send = async {
+        loop {
+            while let Some(report) = shared.reports.first() {
+                let seq = report.sequence;
+                let ack = timed("Report", opts.call_timeout, reporter.report(report)).await?;
+                if ack.applied_sequence < seq {
+                    return Err(CoordinatorError::NotApplied {
+                        sent: seq,
+                        acked: ack.applied_sequence,
+                    });
+                }
+                shared.reports.applied(ack.applied_sequence)?;
+                tracing::debug!(seq, "report acknowledged");
+            }
+            shared.report_ready.notified().await;
+        }
+    };
+    tokio::select! {
+        r = watch => r,
+        r = send => r,
+    }
+}
