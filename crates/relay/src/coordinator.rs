@@ -1043,7 +1043,12 @@ async fn report_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match shared.tick() {
+        // Writing a report fsyncs: keep it off the runtime's workers.
+        let writer = Arc::clone(&shared);
+        let written = tokio::task::spawn_blocking(move || writer.tick())
+            .await
+            .unwrap_or(Ok(None));
+        match written {
             Ok(Some(seq)) => {
                 tracing::debug!(seq, "report written");
                 shared.report_ready.notify_one();

@@ -414,7 +414,6 @@ impl<'a> Session<'a> {
         let mut line = Vec::with_capacity(512);
         loop {
             self.flush_if_idle().await?;
-            self.cfg = self.inb.settings();
             if *self.shutdown.borrow() && self.mail_from.is_none() {
                 self.reply("421 4.3.2 Service shutting down, try again later");
                 self.flush().await?;
@@ -458,6 +457,9 @@ impl<'a> Session<'a> {
                 }
                 Line::Ok => {}
             }
+            // The settings in force when the command arrived (a reconfiguration applies from
+            // the next command).
+            self.cfg = self.inb.settings();
             let next = match parse_command(&line) {
                 Ok(req) => self.command(req).await?,
                 Err(e) => {
