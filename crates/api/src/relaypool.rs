@@ -430,6 +430,57 @@ pub struct RelayPoolStatus {
     /// Every egress address of the pool, the pod it is assigned to and its state.
     #[serde(default)]
     pub addresses: Vec<AddressStatus>,
+
+    /// Relays as the coordinator knows them: registration, applied configuration and the last
+    /// report applied (written by the coordinator).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
+    pub relays: Vec<RelayConnection>,
+
+    /// Delivery outcomes per egress address since the pool was created, from the relays'
+    /// reports (written by the coordinator; each report is counted once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["address"]))]
+    pub counters: Vec<AddressCounters>,
+}
+
+/// What the coordinator knows of one relay pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayConnection {
+    /// The relay pod.
+    pub pod: String,
+    /// The highest report sequence applied for this pod: a report at or below it is never
+    /// counted again.
+    #[serde(default)]
+    pub applied_sequence: i64,
+    /// The newest configuration version the relay confirmed it applied.
+    #[serde(default)]
+    pub config_version: i64,
+    /// When the last report arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_report: Option<Time>,
+}
+
+/// Totals of delivery outcomes from one egress address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AddressCounters {
+    /// The egress address.
+    pub address: String,
+    #[serde(default)]
+    pub delivered: i64,
+    #[serde(default)]
+    pub deferred: i64,
+    #[serde(default)]
+    pub hard_bounces: i64,
+    #[serde(default)]
+    pub policy_blocks: i64,
+    #[serde(default)]
+    pub complaints: i64,
+    /// Messages held back by a warm-up limit (not delivery attempts).
+    #[serde(default)]
+    pub deferred_by_warmup: i64,
 }
 
 /// State of one egress address.

@@ -138,7 +138,10 @@ pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), ApiError> {
                 add(doc, path, v)?;
             }
             "test" => {
-                if doc.pointer(path) != Some(&op["value"]) {
+                // As the API server's json-patch library does: testing for null passes when
+                // the path is missing (kube-rs adds a first finalizer with exactly that test).
+                let current = doc.pointer(path).unwrap_or(&Value::Null);
+                if *current != op["value"] {
                     return Err(ApiError::unprocessable(format!(
                         "testing value {path} failed"
                     )));
@@ -270,6 +273,21 @@ mod tests {
             .err()
             .map(|e| e.code),
             Some(422)
+        );
+        // A missing path tests equal to null, not to anything else.
+        assert!(
+            json_patch(
+                &mut doc,
+                &json!([{"op": "test", "path": "/metadata/finalizers", "value": null}])
+            )
+            .is_ok()
+        );
+        assert!(
+            json_patch(
+                &mut doc,
+                &json!([{"op": "test", "path": "/metadata/finalizers", "value": []}])
+            )
+            .is_err()
         );
     }
 

@@ -1,7 +1,8 @@
 //! `mailfleet`: the one binary of the project. Each subcommand is thin wiring around a library
-//! crate: `crdgen` (crates/api), and later `operator`, `relay` and `dev`.
+//! crate: `crdgen` (crates/api), `operator`, `relay`, `devcluster`, and later `dev`.
 
 mod devcluster;
+mod operator;
 mod relay;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ enum Command {
     },
     /// Serve a Kubernetes API emulator on loopback; prints the kubeconfig path.
     Devcluster(devcluster::Args),
+    /// Run the operator: RelayPool controller and the coordinator the relays connect to.
+    Operator(operator::Args),
     /// Run the relay MTA from a config file (SMTP in, spool, DKIM, shaped delivery).
     Relay(relay::Args),
     /// Run the whole fleet on this machine (devcluster, operator, relays, DNS, sink, traffic).
@@ -55,6 +58,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Crdgen { out, check } => out.iter().try_for_each(|dir| crdgen(dir, check)),
         Command::Devcluster(args) => devcluster::run(args),
+        Command::Operator(args) => operator::run(args),
         Command::Relay(args) => relay::run(args),
         Command::Dev => {
             bail!(
