@@ -1221,3 +1221,232 @@ async fn session(shared: &Shared, got_config: &mut bool) -> Result<(), Coordinat
         r = send => r,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RelayConfig {
+        RelayConfig::coordinated_base(
+            "relay.test".into(),
+            "127.0.0.1:0".parse().unwrap(),
+            "/tmp/spool".into(),
+            None,
+        )
+    }
+
+    #[test]
+    fn snapshot_translates_states_quotas_and_limits() {
+        let snap = v1::RelayConfig {
+            version: 3,
+            addresses: vec![
+                v1::EgressAddress {
+                    address: "127.0.0.2".into(),
+                    helo_name: "o2.test".into(),
+                    state: v1::AddressState::Warming as i32,
+                },
+                v1::EgressAddress {
+                    address: "127.0.0.3".into(),
+                    helo_name: String::new(),
+                    state: v1::AddressState::Draining as i32,
+                },
+            ],
+            quotas: vec![
+                v1::AddressQuota {
+                    address: "127.0.0.2".into(),
+                    provider_group: String::new(),
+                    window_limit: 200,
+                    hourly_limit: 20,
+                    window_start_unix: 86_400,
+                    window_seconds: 86_400,
+                    overflow_to_warm: true,
+                },
+                v1::AddressQuota {
+                    address: "127.0.0.2".into(),
+                    provider_group: "Gmail".into(),
+                    window_limit: 50,
+                    hourly_limit: 0,
+                    window_start_unix: 86_400,
+                    window_seconds: 86_400,
+                    overflow_to_warm: true,
+                },
+            ],
+            shaping: Some(v1::Shaping {
+                max_connections_per_address: 7,
+                providers: vec![v1::ProviderShaping {
+                    provider_group: "yahoo".into(),
+                    max_connections: 2,
+                    max_messages_per_minute: 120,
+                    max_messages_per_connection: 0,
+                }],
+            }),
+            delivery: Some(v1::Delivery {
+                retry_schedule_seconds: vec![5, 10],
+                max_queue_lifetime_seconds: 100,
+                dsn: true,
+                destination_port: 2525,
+                nameservers: vec!["127.0.0.1".into(), "127.0.0.1:5353".into()],
+            }),
+            listener: Some(v1::Listener {
+                allowed_networks: vec!["10.0.0.0/8".into(), "127.0.0.1".into()],
+                max_message_bytes: 0,
+                max_recipients: 3,
+                max_sessions: 0,
+                users: [("app".to_string(), "pw".to_string())].into(),
+            }),
+            domains: Vec::new(),
+        };
+        let c = relay_config(&base(), &snap).unwrap();
+        assert_eq!(c.egress.len(), 2);
+        let e2 = &c.egress[0];
+        assert_eq!(
+            (e2.daily_quota, e2.hourly_quota, e2.paused),
+            (Some(200), Some(20), false)
+        );
+        assert_eq!(e2.quota_window_seconds, Some(86_400));
+        assert_eq!(
+            e2.provider_quotas.get(&ProviderGroup::Gmail),
+            Some(&QuotaLimits {
+                daily: Some(50),
+                hourly: None
+            })
+        );
+        assert_eq!(e2.max_connections, Some(7));
+        let e3 = &c.egress[1];
+        assert!(e3.paused);
+        assert_eq!(e3.helo, "relay.test");
+        let y = &c.shaping.providers[&ProviderGroup::Yahoo];
+        assert_eq!(y.max_connections_per_address, Some(2));
+        assert_eq!(y.messages_per_second_per_address, Some(2.0));
+        assert_eq!(y.max_messages_per_connection, None);
+        assert_eq!(c.delivery.port, 2525);
+        assert_eq!(
+            c.delivery.nameservers,
+            vec![
+                "127.0.0.1:53".parse().unwrap(),
+                "127.0.0.1:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.delivery.retry_intervals.len(), 2);
+        assert!(c.delivery.dsn);
+        assert_eq!(c.listener.allowed_networks.len(), 2);
+        assert_eq!(c.listener.max_recipients, 3);
+        assert_eq!(c.listener.max_sessions, 500);
+        assert_eq!(c.listener.users[0].name, "app");
+
+        let mut bad = snap.clone();
+        bad.addresses[0].address = "not-an-ip".into();
+        let err = relay_config(&base(), &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("snapshot 3") && err.contains("not-an-ip"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deltas_are_differences_attributed_to_sending_domains() {
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+        let k = |o, d: &str| (Some(ip), ProviderGroup::Gmail, o, d.to_string());
+        let prev = BTreeMap::from([(k(Outcome::Delivered, "example.test"), 3)]);
+        let cur = BTreeMap::from([
+            (k(Outcome::Delivered, "example.test"), 5),
+            (k(Outcome::Delivered, "news.example.test"), 1),
+            (k(Outcome::Blocked, "other.test"), 2),
+            (
+                (None, ProviderGroup::Other, Outcome::Bounced, String::new()),
+                1,
+            ),
+        ]);
+        let d = deltas(&cur, &prev, &["example.test".to_string()]);
+        let view: Vec<(String, &str, i32, String, u64)> = d
+            .iter()
+            .map(|d| {
+                (
+                    d.address.clone(),
+                    d.provider_group.as_str(),
+                    d.outcome,
+                    d.domain.clone(),
+                    d.count,
+                )
+            })
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                (
+                    String::new(),
+                    "other",
+                    v1::Outcome::HardBounce as i32,
+                    String::new(),
+                    1
+                ),
+                (
+                    "127.0.0.2".into(),
+                    "gmail",
+                    v1::Outcome::Delivered as i32,
+                    "example.test".into(),
+                    3
+                ),
+                (
+                    "127.0.0.2".into(),
+                    "gmail",
+                    v1::Outcome::PolicyBlock as i32,
+                    "other.test".into(),
+                    2
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn report_store_keeps_sequences_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReportStore::open(dir.path()).unwrap();
+        for _ in 0..3 {
+            store.write(v1::ReportRequest::default()).unwrap();
+        }
+        assert_eq!(store.pending(), vec![1, 2, 3]);
+        store.applied(2).unwrap();
+        assert_eq!(store.pending(), vec![3]);
+        drop(store);
+        let store = ReportStore::open(dir.path()).unwrap();
+        assert_eq!(store.pending(), vec![3]);
+        store.applied(3).unwrap();
+        drop(store);
+        // Everything acknowledged: the counter still continues where it was.
+        let store = ReportStore::open(dir.path()).unwrap();
+        assert_eq!(store.write(v1::ReportRequest::default()).unwrap(), 4);
+        // A coordinator that applied more than we remember moves the counter on.
+        store.applied(10).unwrap();
+        assert!(store.pending().is_empty());
+        assert_eq!(store.write(v1::ReportRequest::default()).unwrap(), 11);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(report_path(dir.path(), 11))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn quota_counters_round_trip() {
+        let c = vec![
+            SavedCounter {
+                address: "127.0.0.2".parse().unwrap(),
+                group: None,
+                counter: SentCounter {
+                    hour: 5,
+                    hour_sent: 2,
+                    window_begin: 86_400,
+                    window_sent: 9,
+                },
+            },
+            SavedCounter {
+                address: "::1".parse().unwrap(),
+                group: Some(ProviderGroup::Docomo),
+                counter: SentCounter::default(),
+            },
+        ];
+        assert_eq!(decode_counters(&encode_counters(&c)), c);
+    }
+}

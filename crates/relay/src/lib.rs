@@ -3,8 +3,9 @@
 //! Pipeline: [`smtp`] accepts a message → [`dkim`] signs it → [`spool`] makes it durable
 //! (group commit) → `250` → [`delivery`] routes it by MX and sends it from an egress address
 //! granted by [`shaping`] over a [`client`] connection → outcomes counted in [`metrics`],
-//! bounces reported by [`dsn`]. [`config`] is the one input, from a file or (later) the
-//! operator. [`Relay::start`] wires it all and returns a handle for tests and the CLI.
+//! bounces reported by [`dsn`]. [`config`] is the one input, from a file or from the
+//! operator's coordinator ([`coordinator`]). [`Relay::start`] wires it all and returns a handle
+//! for tests and the CLI; [`Control::reconfigure`] changes it at run time.
 
 pub mod client;
 pub mod config;
