@@ -675,9 +675,11 @@ pub fn relay_config(
             .parse()
             .map_err(|e| bad(format!("egress address {:?}: {e}", a.address)))?;
         let state = v1::AddressState::try_from(a.state).unwrap_or(v1::AddressState::Unspecified);
-        let paused = matches!(
+        // Only these states may take new mail (as the operator counts an address released):
+        // DRAINING, PAUSED, QUARANTINED and UNSPECIFIED get none.
+        let paused = !matches!(
             state,
-            v1::AddressState::Paused | v1::AddressState::Quarantined | v1::AddressState::Draining
+            v1::AddressState::Warming | v1::AddressState::Warm | v1::AddressState::Held
         );
         let mut e = EgressConfig {
             address,
