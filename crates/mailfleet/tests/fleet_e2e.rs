@@ -1,0 +1,439 @@
+//! The fleet end to end on devcluster: real `kubectl` applies a RelayPool and a SendingDomain,
+//! `mailfleet operator` (a process) builds the relays, devcluster runs them as `mailfleet relay`
+//! processes, they register with the coordinator over mTLS, mail sent to each relay with swaks
+//! leaves from that relay's assigned egress addresses (seen by the sink MX, found through Knot)
+//! with a DKIM signature, and the reports land in the pool's status exactly once. Scaling
+//! 3 → 5 → 2 keeps every address on one pod; the operator is killed (SIGKILL) mid-way and
+//! restarted: no address moves, nothing is counted twice.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../../relay/tests/common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Knot, Proc, Sink, free_port, header, repo_root, require};
+use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+use serde_json::Value;
+
+fn kubectl_bin() -> PathBuf {
+    std::env::var_os("KUBECTL")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| {
+            let local = repo_root().join("bin/kubectl");
+            if local.is_file() {
+                local
+            } else {
+                require("kubectl")
+            }
+        })
+}
+
+struct Kubectl {
+    kubeconfig: PathBuf,
+    home: PathBuf,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(kubectl_bin())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.run(args);
+        assert!(ok, "kubectl {args:?} failed: {out}");
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+}
+
+fn operator(kubeconfig: &Path, log: &Path, coordinator: u16, health: u16, id: &str) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mailfleet"))
+        .args([
+            "operator",
+            &format!("--coordinator-addr=127.0.0.1:{coordinator}"),
+            &format!("--coordinator-url=https://127.0.0.1:{coordinator}"),
+            &format!("--metrics-addr=127.0.0.1:{health}"),
+            &format!("--health-addr=127.0.0.1:{health}"),
+            "--namespace=mailfleet-system",
+            &format!("--identity={id}"),
+            "--relay-image=example.invalid/mailfleet:test",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn condition(pool: &Value, type_: &str) -> bool {
+    pool["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == type_ && c["status"] == "True")
+    })
+}
+
+/// address → pod, from the pool's status; asserts each address is listed once.
+fn assignment(pool: &Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for a in pool["status"]["addresses"].as_array().unwrap() {
+        let address = a["address"].as_str().unwrap().to_string();
+        let pod = a["pod"].as_str().unwrap_or_default().to_string();
+        assert!(
+            out.insert(address.clone(), pod).is_none(),
+            "{address} listed twice"
+        );
+    }
+    out
+}
+
+fn settled(k: &Kubectl, replicas: usize) -> Option<Value> {
+    let p = k.json(&["-n", "mail", "get", "relaypool", "transactional"]);
+    let ready = p["status"]["readyReplicas"].as_u64() == Some(replicas as u64);
+    let existing = p["status"]["replicas"].as_u64() == Some(replicas as u64);
+    (ready && existing && condition(&p, "Ready") && condition(&p, "EgressAssigned")).then_some(p)
+}
+
+fn delivered_total(pool: &Value) -> u64 {
+    pool["status"]["counters"]
+        .as_array()
+        .map(|cs| cs.iter().filter_map(|c| c["delivered"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+fn pod_ip(k: &Kubectl, pod: &str) -> String {
+    eventually(30, "a pod IP", || {
+        let p = k.json(&["-n", "mail", "get", "pod", pod]);
+        p["status"]["podIP"].as_str().map(str::to_string)
+    })
+}
+
+fn swaks(ip: &str, port: u16, to: &str) -> (bool, String) {
+    let out = Command::new(require("swaks"))
+        .args(["--server", ip, "--port", &port.to_string()])
+        .args(["--from", "app@mail.example.test", "--to", to])
+        .args([
+            "--h-From",
+            "App <app@mail.example.test>",
+            "--h-Subject",
+            "fleet",
+        ])
+        .args(["--ehlo", "app.example.test"])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn fleet_sends_from_assigned_addresses_and_survives_scaling_and_operator_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let sink = Sink::start(root, &[]);
+    let knot = Knot::start(
+        root,
+        &[
+            "dest.example.test. 60 MX 10 mx.example.test.",
+            "mx.example.test. 60 A 127.0.0.1",
+        ],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = Config::new(root.join("cluster"));
+    config.runner = Some(RunnerConfig {
+        relay_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_mailfleet"))),
+        ..RunnerConfig::default()
+    });
+    let dc = rt.block_on(DevCluster::start(config)).unwrap();
+    let k = Kubectl {
+        kubeconfig: dc.kubeconfig.clone(),
+        home: root.to_path_buf(),
+    };
+    k.ok(&["apply", "-f", repo_root().join("crds").to_str().unwrap()]);
+    k.ok(&["create", "namespace", "mailfleet-system"]);
+    k.ok(&["create", "namespace", "mail"]);
+
+    // The domain's DKIM key, as a Secret the relays get their signing key from.
+    let key_pem = String::from_utf8(
+        Command::new(require("openssl"))
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    std::fs::write(root.join("rsa.pem"), &key_pem).unwrap();
+    k.ok(&[
+        "-n",
+        "mail",
+        "create",
+        "secret",
+        "generic",
+        "mail-example-test-dkim",
+        "--from-literal=selector=e2e",
+        &format!("--from-file=rsa.pem={}", root.join("rsa.pem").display()),
+    ]);
+
+    let smtp_port = free_port();
+    let coordinator = free_port();
+    let health = free_port();
+    let manifests = format!(
+        r#"apiVersion: mailfleet.dev/v1alpha1
+kind: RelayPool
+metadata:
+  name: transactional
+  namespace: mail
+spec:
+  replicas: 3
+  egress:
+    cidrs: ["127.0.3.0/29"]
+    heloNameTemplate: "mta-{{ip}}.relay.example.test"
+  listener:
+    port: {smtp_port}
+    allowedNetworks: ["127.0.0.0/8"]
+  delivery:
+    retrySchedule: ["1s"]
+    destinationPort: {sink_port}
+    nameservers: ["127.0.0.1:{knot_port}"]
+---
+apiVersion: mailfleet.dev/v1alpha1
+kind: SendingDomain
+metadata:
+  name: mail-example-test
+  namespace: mail
+spec:
+  domain: mail.example.test
+  relayPoolRef:
+    name: transactional
+  dkim:
+    algorithm: rsa2048
+  dns:
+    provider: manual
+"#,
+        sink_port = sink.port,
+        knot_port = knot.port,
+    );
+    let manifest_path = root.join("fleet.yaml");
+    std::fs::write(&manifest_path, manifests).unwrap();
+    k.ok(&["apply", "-f", manifest_path.to_str().unwrap()]);
+
+    let op_log = root.join("operator.log");
+    let mut op = operator(&dc.kubeconfig, &op_log, coordinator, health, "op-1");
+    let log = || std::fs::read_to_string(&op_log).unwrap_or_default();
+
+    // Three relays up and ready, two addresses each.
+    let pool = eventually(120, "3 ready relays with every address assigned", || {
+        settled(&k, 3)
+    });
+    let before = assignment(&pool);
+    assert_eq!(before.len(), 6, "127.0.3.0/29 has 6 usable hosts");
+    let mut per_pod: BTreeMap<&str, usize> = BTreeMap::new();
+    for pod in before.values() {
+        *per_pod.entry(pod.as_str()).or_default() += 1;
+    }
+    assert_eq!(
+        per_pod.values().copied().collect::<Vec<_>>(),
+        [2, 2, 2],
+        "{log}",
+        log = log()
+    );
+    let table = k.ok(&["-n", "mail", "get", "relaypools"]);
+    assert!(
+        table.contains("transactional") && table.contains("RelaysReady"),
+        "{table}"
+    );
+
+    // Mail through each relay leaves from one of that relay's addresses, signed.
+    for i in 0..3 {
+        let pod = format!("transactional-{i}");
+        let ip = pod_ip(&k, &pod);
+        let (ok, out) = swaks(&ip, smtp_port, &format!("user{i}@dest.example.test"));
+        assert!(ok, "swaks through {pod} at {ip}: {out}");
+    }
+    let msgs = sink.wait_for(3, 60);
+    assert_eq!(msgs.len(), 3, "operator log:\n{}", log());
+    for (_, m) in &msgs {
+        let to = header(m, "X-Sink-To").unwrap();
+        let i: usize = to
+            .trim_start_matches("user")
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let peer = header(m, "X-Sink-Peer").unwrap();
+        assert_eq!(
+            before.get(peer).map(String::as_str),
+            Some(format!("transactional-{i}").as_str()),
+            "mail through transactional-{i} left from {peer}, assignment {before:?}"
+        );
+        assert_eq!(
+            header(m, "X-Sink-Helo").unwrap(),
+            format!("mta-{}.relay.example.test", peer.replace('.', "-"))
+        );
+        let sig = header(m, "DKIM-Signature").expect("signed");
+        assert!(
+            sig.contains("d=mail.example.test") && sig.contains("s=e2e"),
+            "{sig}"
+        );
+    }
+    // The relays' reports reach the pool's status.
+    eventually(60, "3 delivered in the pool's counters", || {
+        let p = k.json(&["-n", "mail", "get", "relaypool", "transactional"]);
+        (delivered_total(&p) == 3).then_some(())
+    });
+
+    // Scale up: the new pods get addresses, every address stays on exactly one pod, and only
+    // as many move as an even spread needs.
+    k.ok(&[
+        "-n",
+        "mail",
+        "patch",
+        "relaypool",
+        "transactional",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":5}}"#,
+    ]);
+    let pool = eventually(120, "5 ready relays with every address assigned", || {
+        settled(&k, 5).filter(|p| {
+            let a = assignment(p);
+            let pods: BTreeSet<&String> = a.values().collect();
+            pods.len() == 5
+        })
+    });
+    let up = assignment(&pool);
+    let moved = before.iter().filter(|(a, p)| up[*a] != **p).count();
+    assert_eq!(
+        moved, 2,
+        "6 addresses over 5 pods: two move ({before:?} -> {up:?})"
+    );
+
+    // Scale down to 2 and kill the operator while it works; a new one carries on.
+    k.ok(&[
+        "-n",
+        "mail",
+        "patch",
+        "relaypool",
+        "transactional",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":2}}"#,
+    ]);
+    std::thread::sleep(Duration::from_millis(700));
+    let _ = Command::new("kill")
+        .args(["-9", &op.0.id().to_string()])
+        .status();
+    let _ = op.0.wait();
+    let mid = assignment(&k.json(&["-n", "mail", "get", "relaypool", "transactional"]));
+    op = operator(&dc.kubeconfig, &op_log, coordinator, health, "op-2");
+    let pool = eventually(120, "2 ready relays holding all addresses", || {
+        settled(&k, 2).filter(|p| {
+            assignment(p)
+                .values()
+                .all(|pod| pod == "transactional-0" || pod == "transactional-1")
+        })
+    });
+    let down = assignment(&pool);
+    for (a, pod) in &mid {
+        if pod == "transactional-0" || pod == "transactional-1" {
+            assert_eq!(
+                &down[a], pod,
+                "{a} moved off a surviving pod across the restart"
+            );
+        }
+    }
+    let counts: BTreeMap<&String, usize> = down.values().fold(BTreeMap::new(), |mut m, p| {
+        *m.entry(p).or_default() += 1;
+        m
+    });
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [3, 3],
+        "{down:?}"
+    );
+
+    // More mail after the restart; the totals count every message once.
+    for i in 3..7 {
+        let pod = format!("transactional-{}", i % 2);
+        let ip = pod_ip(&k, &pod);
+        let (ok, out) = swaks(&ip, smtp_port, &format!("user{i}@dest.example.test"));
+        assert!(ok, "swaks through {pod}: {out}");
+    }
+    let msgs = sink.wait_for(7, 60);
+    assert_eq!(msgs.len(), 7);
+    for (_, m) in &msgs[3..] {
+        let peer = header(m, "X-Sink-Peer").unwrap();
+        assert!(down.contains_key(peer), "{peer} is not a pool address");
+    }
+    eventually(60, "7 delivered in the pool's counters", || {
+        let p = k.json(&["-n", "mail", "get", "relaypool", "transactional"]);
+        (delivered_total(&p) == 7).then_some(())
+    });
+    // A few more report rounds: still 7.
+    std::thread::sleep(Duration::from_secs(5));
+    let p = k.json(&["-n", "mail", "get", "relaypool", "transactional"]);
+    assert_eq!(
+        delivered_total(&p),
+        7,
+        "counted twice: {}",
+        p["status"]["counters"]
+    );
+
+    drop(op);
+    rt.block_on(dc.shutdown());
+}
