@@ -123,6 +123,63 @@ impl Fleet {
         ids.insert(fingerprint, pool);
     }
 
+    /// Learns the pool certificates already issued (in identity Secrets of the current CA), so
+    /// that relays are known at once after an operator restart, before any reconcile.
+    pub async fn prime(
+        &self,
+        ca_pem: &str,
+        namespaces: &[Option<String>],
+    ) -> Result<usize, kube::Error> {
+        let mut n = 0;
+        for ns in namespaces {
+            let api: Api<k8s_openapi::api::core::v1::Secret> = match ns {
+                Some(ns) => Api::namespaced(self.client.clone(), ns),
+                None => Api::all(self.client.clone()),
+            };
+            let list = api
+                .list(&kube::api::ListParams::default().labels(POOL_LABEL))
+                .await?;
+            for secret in list.items {
+                let get = |k: &str| {
+                    secret
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get(k))
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                };
+                let pool = secret
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(POOL_LABEL))
+                    .cloned();
+                let (Some(pool), Some(namespace), Some(ca), Some(cert)) = (
+                    pool,
+                    secret.metadata.namespace.clone(),
+                    get(mailfleet_proto::identity::CA_KEY),
+                    get(mailfleet_proto::identity::CERT_KEY),
+                ) else {
+                    continue;
+                };
+                let expected = format!("{pool}{}", mailfleet_proto::identity::SECRET_SUFFIX);
+                if secret.metadata.name.as_deref() != Some(expected.as_str()) || ca != ca_pem {
+                    continue;
+                }
+                if let Ok(fp) = crate::pki::fingerprint_pem(&cert) {
+                    self.set_identity(
+                        fp,
+                        PoolKey {
+                            namespace,
+                            name: pool,
+                        },
+                    );
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Forgets a deleted pool: its certificate is no longer accepted, its streams end.
     pub fn remove_pool(&self, pool: &PoolKey) {
         self.identities

@@ -175,6 +175,18 @@ pub async fn run(
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(move || fleet.connected_relays()));
     }
+    // One controller per watched namespace, or one for all.
+    let namespaces: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.watch_namespaces.iter().cloned().map(Some).collect()
+    };
+    match fleet.prime(ca.cert_pem(), &namespaces).await {
+        Ok(n) => tracing::info!(pools = n, "known relay pool certificates loaded"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list relay identities yet; pools are learnt as they reconcile")
+        }
+    }
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(
             &server.cert_pem,
@@ -208,13 +220,14 @@ pub async fn run(
         ca,
         fleet,
         metrics: Arc::clone(&metrics),
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "mailfleet-operator".to_string(),
+                instance: Some(config.identity.clone()),
+            },
+        ),
     });
-    // One controller per watched namespace, or one for all.
-    let namespaces: Vec<Option<String>> = if config.watch_namespaces.is_empty() {
-        vec![None]
-    } else {
-        config.watch_namespaces.iter().cloned().map(Some).collect()
-    };
     let mut controllers = Vec::new();
     for ns in namespaces {
         controllers.push(tokio::spawn(relaypool::run(

@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -72,6 +73,27 @@ pub struct Context {
     pub ca: Arc<CertificateAuthority>,
     pub fleet: Arc<Fleet>,
     pub metrics: Arc<Metrics>,
+    /// Publishes Events on the custom resources (`kubectl describe` shows them).
+    pub recorder: Recorder,
+}
+
+impl Context {
+    /// Publishes an Event about `obj`; failures are logged, never fatal.
+    pub async fn event<K>(&self, obj: &K, type_: EventType, reason: &str, note: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let ev = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::debug!(error = %e, reason, "cannot publish an event");
+        }
+    }
 }
 
 fn key_of(pool: &RelayPool) -> PoolKey {
@@ -131,6 +153,13 @@ async fn ensure_identity(pool: &RelayPool, ctx: &Context) -> Result<(), Reconcil
             );
             apply(&secrets, &name, &doc).await?;
             tracing::info!(pool = %key_of(pool), "issued the relays' coordinator certificate");
+            ctx.event(
+                pool,
+                EventType::Normal,
+                "IdentityIssued",
+                format!("issued the relays' coordinator certificate into Secret {name}"),
+            )
+            .await;
             issued.cert_pem
         }
     };
@@ -453,6 +482,7 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
         .collect();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let mut rows = Vec::new();
+    let mut events = Vec::new();
     for EgressAddr { ip, helo_name } in &addresses {
         let key = ip.to_string();
         let old = old_rows.get(&key);
@@ -465,6 +495,26 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
             Placement::Unassigned => (None, AddressState::Unassigned),
         };
         let changed = old.is_none_or(|o| o.state != state || o.pod != pod);
+        if changed && old.is_none_or(|o| o.pod != pod || state == AddressState::Draining) {
+            let (type_, reason, note) = match (&pod, state) {
+                (Some(p), AddressState::Draining) => (
+                    EventType::Normal,
+                    "AddressDraining",
+                    format!("{key} drains on {p} before it moves"),
+                ),
+                (Some(p), _) => (
+                    EventType::Normal,
+                    "AddressAssigned",
+                    format!("{key} now sends from {p} (HELO {helo_name})"),
+                ),
+                (None, _) => (
+                    EventType::Warning,
+                    "AddressUnassigned",
+                    format!("{key} has no relay pod to send from"),
+                ),
+            };
+            events.push((type_, reason, note));
+        }
         rows.push(AddressStatus {
             address: key,
             pod,
@@ -477,6 +527,10 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
                 old.and_then(|o| o.since.clone())
             },
         });
+    }
+
+    for (type_, reason, note) in events {
+        ctx.event(pool, type_, reason, note).await;
     }
 
     // Cilium mode: one policy per pod that holds an address.
@@ -687,6 +741,11 @@ fn error_policy(pool: Arc<RelayPool>, error: &ReconcileError, ctx: Arc<Context>)
         &[("controller", CONTROLLER), ("category", error.category())],
     );
     tracing::warn!(pool = %key_of(&pool), error = %error, "reconcile failed; retrying");
+    let note = format!("{error}; retrying in 5s");
+    tokio::spawn(async move {
+        ctx.event(&*pool, EventType::Warning, "ReconcileFailed", note)
+            .await;
+    });
     Action::requeue(Duration::from_secs(5))
 }
 

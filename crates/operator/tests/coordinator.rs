@@ -287,6 +287,30 @@ async fn controller_coordinator_and_exactly_once_reports() {
         http_get(op.health, "/readyz").await.contains("200 OK"),
         "the leader is ready"
     );
+    let metrics = http_get(op.health, "/metrics").await;
+    assert!(
+        metrics.contains(
+            "mailfleet_operator_reconciles_total{controller=\"relaypool\",result=\"ok\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mailfleet_operator_leader 1"), "{metrics}");
+    // Events tell what happened to the pool's addresses.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "mail");
+    let evs = events.list(&Default::default()).await.unwrap().items;
+    // The recorder folds repeats into a series: count the occurrences.
+    let assigned: i32 = evs
+        .iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("AddressAssigned")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("transactional")
+        })
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+        .sum();
+    assert_eq!(
+        assigned, 6,
+        "one AddressAssigned occurrence per address: {evs:?}"
+    );
 
     // mTLS: without a client certificate, or with one the operator did not issue, nothing.
     let (ca, cert, key) = identity_of(&client, "mail", "transactional").await;
