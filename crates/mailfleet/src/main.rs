@@ -4,6 +4,7 @@
 mod devcluster;
 mod operator;
 mod relay;
+mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -42,18 +42,12 @@ pub struct Args {
 /// Runs the operator until SIGTERM/SIGINT, or until it loses the leader Lease (an error, so
 /// that the process restarts as a follower).
 pub fn run(args: Args) -> Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the tokio runtime")?;
     runtime.block_on(async move {
+        let _telemetry = crate::telemetry::init("mailfleet-operator")?;
         let client = kube::Client::try_default()
             .await
             .context("cannot reach the Kubernetes API (in-cluster or KUBECONFIG)")?;

@@ -17,7 +17,14 @@ use std::time::{Duration, Instant};
 
 use common::{Knot, Proc, Sink, free_port, header, repo_root, require};
 use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use serde_json::Value;
+use std::sync::{Arc, Mutex};
 
 fn kubectl_bin() -> PathBuf {
     std::env::var_os("KUBECTL")
@@ -69,6 +76,36 @@ impl Kubectl {
     }
 }
 
+/// An OTLP trace receiver: the names of the spans it was sent, with their service name.
+#[derive(Clone, Default)]
+struct Traces(Arc<Mutex<Vec<(String, String)>>>);
+
+#[tonic::async_trait]
+impl TraceService for Traces {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut seen = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    seen.push((service.clone(), span.name));
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
 fn operator(kubeconfig: &Path, log: &Path, coordinator: u16, health: u16, id: &str) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -88,11 +125,21 @@ fn operator(kubeconfig: &Path, log: &Path, coordinator: u16, health: u16, id: &s
         ])
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,kube=warn")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{otlp}", otlp = otlp_port()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
     Proc(child)
+}
+
+static OTLP_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+fn otlp_port() -> u16 {
+    *OTLP_PORT.get().expect("the OTLP receiver runs")
 }
 
 fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -193,6 +240,22 @@ fn fleet_sends_from_assigned_addresses_and_survives_scaling_and_operator_kill() 
         ..RunnerConfig::default()
     });
     let dc = rt.block_on(DevCluster::start(config)).unwrap();
+    // The operator exports its traces to this receiver.
+    let traces = Traces::default();
+    let otlp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    OTLP_PORT.set(otlp.local_addr().unwrap().port()).unwrap();
+    otlp.set_nonblocking(true).unwrap();
+    {
+        let traces = traces.clone();
+        rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(otlp).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(traces))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+                .await
+                .unwrap();
+        });
+    }
     let k = Kubectl {
         kubeconfig: dc.kubeconfig.clone(),
         home: root.to_path_buf(),
@@ -433,6 +496,16 @@ spec:
         "counted twice: {}",
         p["status"]["counters"]
     );
+
+    // Traces of reconciles and coordinator calls reached the OTLP receiver.
+    eventually(30, "operator traces over OTLP", || {
+        let seen = traces.0.lock().unwrap();
+        let has = |name: &str| {
+            seen.iter()
+                .any(|(svc, n)| n == name && svc.contains("mailfleet-operator"))
+        };
+        (has("reconcile") && has("coordinator.report")).then_some(())
+    });
 
     drop(op);
     rt.block_on(dc.shutdown());

@@ -443,6 +443,7 @@ type ConfigStream = Pin<Box<dyn Stream<Item = Result<RelayConfig, Status>> + Sen
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
+    #[tracing::instrument(name = "coordinator.register", skip_all)]
     async fn register(
         &self,
         request: Request<RegisterRequest>,
@@ -483,6 +484,7 @@ impl Coordinator for CoordinatorService {
 
     type WatchConfigStream = ConfigStream;
 
+    #[tracing::instrument(name = "coordinator.watch_config", skip_all)]
     async fn watch_config(
         &self,
         request: Request<WatchConfigRequest>,
@@ -529,6 +531,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(stream))
     }
 
+    #[tracing::instrument(name = "coordinator.report", skip_all)]
     async fn report(&self, request: Request<ReportRequest>) -> Result<Response<ReportAck>, Status> {
         let pool = self.fleet.authenticate(&request)?;
         let r = request.into_inner();

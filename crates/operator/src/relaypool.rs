@@ -371,6 +371,7 @@ fn base_config(
     }
 }
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(controller = CONTROLLER, pool = %key_of(&pool)))]
 async fn reconcile(pool: Arc<RelayPool>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let started = Instant::now();
     let ns = pool.namespace().unwrap_or_default();
