@@ -537,6 +537,7 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
     // Cilium mode: one policy per pod that holds an address.
     if pool.spec.egress.mode == mailfleet_api::relaypool::EgressMode::CiliumEgressGateway {
         let policies: Api<DynamicObject> = Api::all_with(client.clone(), &cilium_resource());
+        let mut wanted = BTreeSet::new();
         for row in &rows {
             let Some(o) = row.pod.as_deref().and_then(|p| ordinal_of(p, &name)) else {
                 continue;
@@ -549,6 +550,20 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
                         &PatchParams::apply(MANAGER).force(),
                         &Patch::Apply(&doc),
                     )
+                    .await?;
+                wanted.insert(pname);
+            }
+        }
+        // Policies of pods that hold no address any more.
+        let selector = format!("{POOL_LABEL}={name},mailfleet.dev/namespace={ns}");
+        for p in policies
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+        {
+            if !wanted.contains(&p.name_any()) {
+                policies
+                    .delete(&p.name_any(), &DeleteParams::default())
                     .await?;
             }
         }

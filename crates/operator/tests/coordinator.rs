@@ -529,3 +529,142 @@ async fn controller_coordinator_and_exactly_once_reports() {
     let _ = pod0.name_any();
     env.dc.shutdown().await;
 }
+
+/// The part of Cilium's CiliumEgressGatewayPolicy schema the operator writes (cilium.io/v2,
+/// cluster-scoped), so that the policies are checked against it.
+const CILIUM_CRD: &str = r#"{
+  "apiVersion": "apiextensions.k8s.io/v1",
+  "kind": "CustomResourceDefinition",
+  "metadata": {"name": "ciliumegressgatewaypolicies.cilium.io"},
+  "spec": {
+    "group": "cilium.io",
+    "names": {"kind": "CiliumEgressGatewayPolicy", "plural": "ciliumegressgatewaypolicies",
+              "singular": "ciliumegressgatewaypolicy", "listKind": "CiliumEgressGatewayPolicyList"},
+    "scope": "Cluster",
+    "versions": [{
+      "name": "v2", "served": true, "storage": true,
+      "schema": {"openAPIV3Schema": {
+        "type": "object", "required": ["spec"],
+        "properties": {
+          "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+          "spec": {
+            "type": "object", "required": ["destinationCIDRs", "egressGateway", "selectors"],
+            "properties": {
+              "destinationCIDRs": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "cidr"}},
+              "selectors": {"type": "array", "minItems": 1, "items": {"type": "object", "properties": {
+                "podSelector": {"type": "object", "properties": {
+                  "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+                "namespaceSelector": {"type": "object", "properties": {
+                  "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}}}}},
+              "egressGateway": {"type": "object", "required": ["nodeSelector"], "properties": {
+                "nodeSelector": {"type": "object", "properties": {
+                  "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+                "egressIP": {"type": "string", "format": "ipv4"},
+                "interface": {"type": "string"}}}
+            }
+          }
+        }
+      }}
+    }]
+  }
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cilium_mode_writes_one_policy_per_pod_and_removes_them_with_the_pool() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
+    let env = env().await;
+    let client = env.client.clone();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(
+        &PostParams::default(),
+        &serde_json::from_str(CILIUM_CRD).unwrap(),
+    )
+    .await
+    .unwrap();
+    let op = start_operator(&client, "op-c", free_addr());
+    let pools: Api<RelayPool> = Api::namespaced(client.clone(), "mail");
+    let p: RelayPool = serde_json::from_value(json!({
+        "apiVersion": "mailfleet.dev/v1alpha1",
+        "kind": "RelayPool",
+        "metadata": {"name": "gw"},
+        "spec": {
+            "replicas": 2,
+            "egress": {
+                "mode": "ciliumEgressGateway",
+                "addresses": [{"address": "192.0.2.10", "heloName": "a.example.test"},
+                              {"address": "192.0.2.11", "heloName": "b.example.test"},
+                              {"address": "192.0.2.12", "heloName": "c.example.test"}],
+                "cilium": {"gatewayNodeSelector": {"egress-gateway": "true"}},
+            },
+            "listener": {"allowedNetworks": ["10.0.0.0/8"]},
+        },
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &p).await.unwrap();
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("cilium.io", "v2", "CiliumEgressGatewayPolicy"),
+        "ciliumegressgatewaypolicies",
+    );
+    let policies: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let list = eventually(60, "two egress gateway policies", async || {
+        let l = policies.list(&ListParams::default()).await.unwrap().items;
+        (l.len() == 2).then_some(l)
+    })
+    .await;
+    let status = pools.get("gw").await.unwrap().status.unwrap();
+    for policy in &list {
+        let spec = &policy.data["spec"];
+        let pod = spec["selectors"][0]["podSelector"]["matchLabels"]
+            ["statefulset.kubernetes.io/pod-name"]
+            .as_str()
+            .unwrap();
+        let ip = spec["egressGateway"]["egressIP"].as_str().unwrap();
+        let row = status.addresses.iter().find(|a| a.address == ip).unwrap();
+        assert_eq!(
+            row.pod.as_deref(),
+            Some(pod),
+            "the policy's address is its pod's"
+        );
+        assert_eq!(
+            spec["egressGateway"]["nodeSelector"]["matchLabels"]["egress-gateway"],
+            "true"
+        );
+    }
+    // One address per pod: the third waits unassigned.
+    assert_eq!(
+        status
+            .addresses
+            .iter()
+            .filter(|a| a.state == mailfleet_api::relaypool::AddressState::Unassigned)
+            .count(),
+        1
+    );
+    // Scaled to one pod: its policy stays, the other goes once its pod is gone.
+    pools
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    let left = eventually(60, "one policy after scaling to 1", async || {
+        let l = policies.list(&ListParams::default()).await.unwrap().items;
+        (l.len() == 1).then_some(l)
+    })
+    .await;
+    assert_eq!(left[0].name_any(), "mailfleet-mail-gw-0");
+    pools.delete("gw", &Default::default()).await.unwrap();
+    eventually(30, "the policies to be removed with the pool", async || {
+        policies
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    op.stop().await;
+    env.dc.shutdown().await;
+}
