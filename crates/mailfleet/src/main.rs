@@ -1,6 +1,8 @@
 //! `mailfleet`: the one binary of the project. Each subcommand is thin wiring around a library
-//! crate: `crdgen` (crates/api), `operator`, `relay`, `devcluster`, and later `dev`.
+//! crate: `crdgen` (crates/api), `operator`, `relay`, `devcluster`, and `dev` (all of them on
+//! this machine).
 
+mod dev;
 mod devcluster;
 mod operator;
 mod relay;
@@ -42,7 +44,7 @@ enum Command {
     /// Run the relay MTA from a config file (SMTP in, spool, DKIM, shaped delivery).
     Relay(relay::Args),
     /// Run the whole fleet on this machine (devcluster, operator, relays, DNS, sink, traffic).
-    Dev,
+    Dev(dev::Args),
 }
 
 fn main() -> ExitCode {
@@ -61,13 +63,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Devcluster(args) => devcluster::run(args),
         Command::Operator(args) => operator::run(args),
         Command::Relay(args) => relay::run(args),
-        Command::Dev => {
-            bail!(
-                "`mailfleet dev` is not available yet: it arrives with the devcluster, operator \
-                 and relay (issues #3-#8). Today you can run `mailfleet crdgen` and apply crds/ \
-                 and examples/ to a cluster."
-            )
-        }
+        Command::Dev(args) => dev::run(args),
     }
 }
 

@@ -1,0 +1,550 @@
+//! `mailfleet dev`: the whole fleet on this machine, no cluster needed. Wiring only:
+//!
+//! 1. [`dns`] serves a zone on 127.0.0.1 (`inbox.dev.test MX 10 mx.dev.test`,
+//!    `mx.dev.test A 127.0.0.1`) and [`sink`] is that MX, counting mail per source address;
+//! 2. devcluster (crates/devcluster) serves the Kubernetes API and runs relay pods as
+//!    processes of this very binary (`mailfleet relay --coordinator ...`), each on its own
+//!    127.0.0.N pod IP;
+//! 3. the CRDs, the namespaces, a DKIM key Secret and examples/dev/fleet.yaml (with this run's
+//!    ports filled in) are applied;
+//! 4. the operator (crates/operator) runs in this process, its coordinator on a free port;
+//! 5. [`traffic`] submits mail to the ready relay pods, and a progress report is printed every
+//!    two seconds until Ctrl-C, SIGTERM or `--duration`.
+
+mod dns;
+mod sink;
+mod traffic;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use mailfleet_api::relaypool::{AddressStatus, RelayPool};
+use tokio::sync::watch;
+
+/// The fleet applied by `mailfleet dev`, with `${...}` placeholders for this run's ports.
+const FLEET: &str = include_str!("../../../examples/dev/fleet.yaml");
+/// Namespace of the dev fleet (as in examples/dev/fleet.yaml).
+const NAMESPACE: &str = "mail";
+/// Name of the dev RelayPool.
+const POOL: &str = "dev";
+/// The domain the generator sends from (the SendingDomain of examples/dev/fleet.yaml).
+const SENDING_DOMAIN: &str = "mail.dev.test";
+/// Its DKIM key Secret (the operator reads `<SendingDomain name>-dkim` by default).
+const DKIM_SECRET: &str = "mail-dev-test-dkim";
+/// The domain the generator sends to, whose MX is the sink.
+const SINK_DOMAIN: &str = "inbox.dev.test";
+/// The egress CIDR of the dev pool (as in examples/dev/fleet.yaml).
+const EGRESS_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(127, 0, 10, 0), 29);
+const FIELD_MANAGER: &str = "mailfleet-dev";
+
+/// Arguments of `mailfleet dev`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Directory for the kubeconfig (`DIR/kubeconfig`), the log (`DIR/mailfleet.log`) and the
+    /// relay pods' working directories and logs (`DIR/pods/`).
+    #[arg(long, default_value = ".dev")]
+    dir: PathBuf,
+    /// Messages per second the traffic generator submits to the relays.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
+    /// Stop after this many seconds; exit non-zero if no mail reached the sink by then.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Percent of recipients the sink MX answers `450` (deferred, retried by the relays).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    sink_defer_percent: u8,
+    /// Percent of recipients the sink MX answers `550` (hard bounces).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    sink_bounce_percent: u8,
+}
+
+/// Runs the dev fleet until Ctrl-C, SIGTERM or `--duration`.
+pub fn run(args: Args) -> Result<()> {
+    if !(args.rate > 0.0 && args.rate <= 1000.0) {
+        bail!("--rate must be above 0 and at most 1000 messages per second");
+    }
+    if u16::from(args.sink_defer_percent) + u16::from(args.sink_bounce_percent) > 100 {
+        bail!("--sink-defer-percent and --sink-bounce-percent add up to more than 100");
+    }
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("failed to create {}", args.dir.display()))?;
+    let dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("failed to resolve {}", args.dir.display()))?;
+    let log_path = dir.join("mailfleet.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("failed to open {}", log_path.display()))?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn")),
+        )
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log))
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the tokio runtime")?;
+    runtime.block_on(fleet(args, dir, log_path))
+}
+
+/// A seed for the small xorshift generators of the sink and the traffic (never 0).
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (nanos ^ (u64::from(std::process::id()) << 32)) | 1
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("failed to find a free port")?;
+    Ok(l.local_addr().context("no local address")?.port())
+}
+
+fn in_egress_net(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX << (32 - u32::from(EGRESS_NET.1));
+            u32::from(v4) & mask == u32::from(EGRESS_NET.0) & mask
+        }
+        IpAddr::V6(_) => false,
+    }
+}
+
+/// Everything this run started, in the order it stops.
+struct Running {
+    stop_traffic: watch::Sender<bool>,
+    traffic: tokio::task::JoinHandle<()>,
+    stop_operator: watch::Sender<bool>,
+    operator: tokio::task::JoinHandle<Result<(), mailfleet_operator::OperatorError>>,
+    cluster: mailfleet_devcluster::DevCluster,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop_traffic.send(true);
+        let _ = self.traffic.await;
+        let _ = self.stop_operator.send(true);
+        match tokio::time::timeout(Duration::from_secs(15), self.operator).await {
+            Ok(Ok(Err(e))) => eprintln!("the operator stopped with an error: {e}"),
+            Ok(_) => {}
+            Err(_) => eprintln!("the operator did not stop within 15 s"),
+        }
+        // Deleting nothing: the relay processes get SIGTERM from the pod runner's shutdown.
+        self.cluster.shutdown().await;
+    }
+}
+
+async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
+    let started = Instant::now();
+    let zone = Arc::new(dns::Zone::new("dev.test.")?);
+    zone.add_mx(&format!("{SINK_DOMAIN}."), 10, "mx.dev.test.")?;
+    zone.add_a("mx.dev.test.", Ipv4Addr::LOCALHOST)?;
+    let dns = dns::DnsServer::start(Arc::clone(&zone)).await?;
+    let sink = sink::Sink::start(sink::Faults {
+        defer_percent: args.sink_defer_percent,
+        bounce_percent: args.sink_bounce_percent,
+    })
+    .await?;
+
+    let program = std::env::current_exe().context("failed to find this program's path")?;
+    let mut config = mailfleet_devcluster::Config::new(&dir);
+    config.runner = Some(mailfleet_devcluster::RunnerConfig {
+        relay_program: Some(program),
+        ..mailfleet_devcluster::RunnerConfig::default()
+    });
+    let cluster = mailfleet_devcluster::DevCluster::start(config)
+        .await
+        .context("failed to start devcluster")?;
+    let kubeconfig = cluster.kubeconfig.clone();
+    let shown = shown_path(&args.dir, &kubeconfig);
+    println!("mailfleet dev: the whole fleet on this machine");
+    println!("  kubeconfig   {shown} (API at {})", cluster.https_url);
+    println!(
+        "  watch        KUBECONFIG={shown} kubectl get relaypools,sendingdomains,warmupplans -A"
+    );
+    println!("  logs         {} and {}/pods/*.log", shown_path(&args.dir, &log_path), args.dir.display());
+    println!(
+        "  dns          {} (UDP+TCP): {SINK_DOMAIN} MX 10 mx.dev.test, mx.dev.test A 127.0.0.1",
+        dns.addr
+    );
+    println!("  sink MX      {}", sink.addr);
+
+    let (client, listener_port, coordinator) = match setup(&kubeconfig, &dns, &sink).await {
+        Ok(c) => c,
+        Err(e) => {
+            cluster.shutdown().await;
+            return Err(e);
+        }
+    };
+
+    let health = free_port()?;
+    let operator_config = mailfleet_operator::OperatorConfig {
+        coordinator_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, coordinator)),
+        metrics_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, health)),
+        health_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, health)),
+        leader_election: false,
+        namespace: "mailfleet-system".to_string(),
+        identity: format!("mailfleet-dev-{}", std::process::id()),
+        watch_namespaces: Vec::new(),
+        settings: mailfleet_operator::children::Settings {
+            relay_image: "mailfleet-dev (runs as a local process)".to_string(),
+            coordinator_url: format!("https://127.0.0.1:{coordinator}"),
+        },
+    };
+    let (stop_operator, operator_stop) = watch::channel(false);
+    let operator = tokio::spawn(mailfleet_operator::run(
+        client.clone(),
+        operator_config,
+        operator_stop,
+    ));
+    println!(
+        "  operator     in process: coordinator https://127.0.0.1:{coordinator}, metrics http://127.0.0.1:{health}/metrics"
+    );
+    println!(
+        "  traffic      {} msg/s from app@{SENDING_DOMAIN} to <random>@{SINK_DOMAIN} via the relay pods' port {listener_port}",
+        args.rate
+    );
+    match args.duration {
+        Some(d) => println!("  running for {d} s (Ctrl-C stops earlier)"),
+        None => println!("  Ctrl-C stops everything"),
+    }
+    println!();
+
+    let (targets_tx, targets_rx) = watch::channel(Vec::new());
+    let (stop_traffic, traffic_stop) = watch::channel(false);
+    let stats = Arc::new(traffic::Stats::default());
+    let traffic = tokio::spawn(traffic::run(
+        traffic::Traffic {
+            rate: args.rate,
+            from: format!("app@{SENDING_DOMAIN}"),
+            to_domain: SINK_DOMAIN.to_string(),
+        },
+        targets_rx,
+        Arc::clone(&stats),
+        traffic_stop,
+    ));
+    let running = Running {
+        stop_traffic,
+        traffic,
+        stop_operator,
+        operator,
+        cluster,
+    };
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("failed to install the SIGTERM handler")?;
+    let deadline = args.duration.map(|d| started + Duration::from_secs(d));
+    let pools: Api<RelayPool> = Api::namespaced(client.clone(), NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_table = String::new();
+    let mut n: u64 = 0;
+    let mut interrupted = false;
+    let mut last = Snapshot::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
+            _ = term.recv() => { interrupted = true; break; }
+        }
+        if running.operator.is_finished() {
+            println!("the operator stopped unexpectedly; see {}", log_path.display());
+            break;
+        }
+        let snap = Snapshot::read(&pools, &pods, listener_port).await;
+        targets_tx.send_replace(snap.targets.clone());
+        n += 1;
+        if n % 2 == 0 {
+            let table = snap.address_table();
+            if table != last_table {
+                print!("{table}");
+                last_table = table;
+            }
+            println!("{}", snap.progress_line(started, &stats, &sink.counts()));
+        }
+        last = snap;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    if interrupted {
+        println!("\nstopping: traffic, operator, relays...");
+    }
+    let _ = running.stop_traffic.send(true);
+    // Give the relays' last reports a moment to reach the pool's counters.
+    let settle = Instant::now() + Duration::from_secs(10);
+    let accepted_from_pool = || -> u64 {
+        sink.counts()
+            .iter()
+            .filter(|(ip, _)| in_egress_net(**ip))
+            .map(|(_, c)| c.accepted)
+            .sum()
+    };
+    if !interrupted {
+        while Instant::now() < settle {
+            last = Snapshot::read(&pools, &pods, listener_port).await;
+            if last.delivered >= accepted_from_pool() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let counts = sink.counts();
+    let from_pool: BTreeMap<IpAddr, sink::SourceCounts> = counts
+        .iter()
+        .filter(|(ip, _)| in_egress_net(**ip))
+        .map(|(ip, c)| (*ip, *c))
+        .collect();
+    let sink_accepted: u64 = counts.values().map(|c| c.accepted).sum();
+    let pool_accepted: u64 = from_pool.values().map(|c| c.accepted).sum();
+    let sources: Vec<String> = from_pool
+        .iter()
+        .filter(|(_, c)| c.accepted > 0)
+        .map(|(ip, _)| ip.to_string())
+        .collect();
+    running.stop().await;
+    drop(dns);
+    println!(
+        "summary: ready={}/{} sent={} failed={} delivered={} deferred={} bounced={} \
+         sink_accepted={sink_accepted} sink_from_pool={pool_accepted} sink_sources={} elapsed={}s",
+        last.ready,
+        last.replicas,
+        stats.sent.load(Ordering::Relaxed),
+        stats.failed.load(Ordering::Relaxed),
+        last.delivered,
+        last.deferred,
+        last.bounced,
+        if sources.is_empty() { "-".to_string() } else { sources.join(",") },
+        started.elapsed().as_secs()
+    );
+    if args.duration.is_some() && !interrupted && pool_accepted == 0 {
+        let why = stats
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .map(|e| format!("; last submission error: {e}"))
+            .unwrap_or_default();
+        bail!(
+            "no mail reached the sink from the pool's egress addresses in {} s ({} of {} relays \
+             ready, {} submitted){why}; see {} and {}/pods/*.log",
+            started.elapsed().as_secs(),
+            last.ready,
+            last.replicas,
+            stats.sent.load(Ordering::Relaxed),
+            log_path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The kubeconfig path as the person typed the directory (relative stays relative).
+fn shown_path(dir: &Path, file: &Path) -> String {
+    match file.file_name() {
+        Some(name) => dir.join(name).display().to_string(),
+        None => file.display().to_string(),
+    }
+}
+
+/// Installs the CRDs, the namespaces, the DKIM key and the fleet; returns the client, the
+/// relays' listener port and the coordinator port.
+async fn setup(
+    kubeconfig: &Path,
+    dns: &dns::DnsServer,
+    sink: &sink::Sink,
+) -> Result<(kube::Client, u16, u16)> {
+    let kc = Kubeconfig::read_from(kubeconfig).context("failed to read the kubeconfig")?;
+    let cc = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .context("failed to load the kubeconfig")?;
+    let client = kube::Client::try_from(cc).context("failed to build the API client")?;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in mailfleet_api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &apply, &Patch::Apply(&crd))
+            .await
+            .with_context(|| format!("failed to install the CRD {name}"))?;
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in ["mailfleet-system", NAMESPACE] {
+        let doc = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        namespaces
+            .patch(ns, &apply, &Patch::Apply(&doc))
+            .await
+            .with_context(|| format!("failed to create the namespace {ns}"))?;
+    }
+
+    // The operator does not generate DKIM keys yet: give the domain one, as a person would.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)
+        .context("failed to generate the DKIM key")?;
+    let secret = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": DKIM_SECRET, "namespace": NAMESPACE},
+        "stringData": {"selector": "dev", "rsa.pem": key.serialize_pem()},
+    });
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+    secrets
+        .patch(DKIM_SECRET, &apply, &Patch::Apply(&secret))
+        .await
+        .context("failed to write the DKIM key Secret")?;
+
+    let listener_port = free_port()?;
+    let coordinator = free_port()?;
+    let text = FLEET
+        .replace("${LISTENER_PORT}", &listener_port.to_string())
+        .replace("${SINK_PORT}", &sink.addr.port().to_string())
+        .replace("${NAMESERVER}", &dns.addr.to_string());
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc)
+            .context("examples/dev/fleet.yaml is not valid YAML")?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value["kind"].as_str().unwrap_or_default().to_string();
+        let name = value["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let (group, version) = value["apiVersion"]
+            .as_str()
+            .and_then(|v| v.split_once('/'))
+            .context("a document of examples/dev/fleet.yaml has no group/version")?;
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &kind));
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NAMESPACE, &ar);
+        api.patch(&name, &apply, &Patch::Apply(&value))
+            .await
+            .with_context(|| format!("failed to apply {kind} {NAMESPACE}/{name}"))?;
+    }
+    Ok((client, listener_port, coordinator))
+}
+
+/// What one look at the API shows.
+#[derive(Debug, Default)]
+struct Snapshot {
+    replicas: i32,
+    ready: i32,
+    addresses: Vec<AddressStatus>,
+    delivered: u64,
+    deferred: u64,
+    bounced: u64,
+    /// SMTP addresses of the ready relay pods.
+    targets: Vec<SocketAddr>,
+    error: Option<String>,
+}
+
+impl Snapshot {
+    async fn read(pools: &Api<RelayPool>, pods: &Api<Pod>, port: u16) -> Snapshot {
+        let mut snap = Snapshot::default();
+        match pools.get_opt(POOL).await {
+            Ok(Some(pool)) => {
+                snap.replicas = pool.spec.replicas;
+                if let Some(status) = pool.status {
+                    snap.ready = status.ready_replicas;
+                    snap.addresses = status.addresses;
+                    for c in &status.counters {
+                        snap.delivered += c.delivered.max(0) as u64;
+                        snap.deferred += c.deferred.max(0) as u64;
+                        snap.bounced += (c.hard_bounces + c.policy_blocks).max(0) as u64;
+                    }
+                }
+            }
+            Ok(None) => snap.error = Some(format!("RelayPool {NAMESPACE}/{POOL} is gone")),
+            Err(e) => snap.error = Some(format!("cannot read the pool: {e}")),
+        }
+        let selector = format!("{}={POOL}", mailfleet_operator::children::POOL_LABEL);
+        if let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await {
+            let mut targets: Vec<SocketAddr> = list
+                .items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter_map(|p| {
+                    let status = p.status.as_ref()?;
+                    let ready = status.conditions.as_ref()?.iter().any(|c| {
+                        c.type_ == "Ready" && c.status == "True"
+                    });
+                    let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+                    ready.then_some(SocketAddr::new(ip, port))
+                })
+                .collect();
+            targets.sort();
+            snap.targets = targets;
+        }
+        snap
+    }
+
+    /// The address table (printed when it changes).
+    fn address_table(&self) -> String {
+        if self.addresses.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from("  addresses (address → pod, state):\n");
+        for a in &self.addresses {
+            let state = serde_json::to_value(a.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "    {:<15} → {:<8} {state}\n",
+                a.address,
+                a.pod.as_deref().unwrap_or("-")
+            ));
+        }
+        out
+    }
+
+    fn progress_line(
+        &self,
+        started: Instant,
+        stats: &traffic::Stats,
+        sink: &BTreeMap<IpAddr, sink::SourceCounts>,
+    ) -> String {
+        let by_source: Vec<String> = sink
+            .iter()
+            .map(|(ip, c)| {
+                let mut s = format!("{ip}={}", c.accepted);
+                if c.deferred + c.rejected > 0 {
+                    s.push_str(&format!("(+{}x450,{}x550)", c.deferred, c.rejected));
+                }
+                s
+            })
+            .collect();
+        let sources: BTreeSet<&IpAddr> = sink.keys().collect();
+        let mut line = format!(
+            "[{:>4}s] relays ready {}/{} | generator sent {} failed {} | pool delivered {} \
+             deferred {} bounced {} | sink {} from {} source(s): {}",
+            started.elapsed().as_secs(),
+            self.ready,
+            self.replicas,
+            stats.sent.load(Ordering::Relaxed),
+            stats.failed.load(Ordering::Relaxed),
+            self.delivered,
+            self.deferred,
+            self.bounced,
+            sink.values().map(|c| c.accepted).sum::<u64>(),
+            sources.len(),
+            if by_source.is_empty() { "-".to_string() } else { by_source.join(" ") },
+        );
+        if let Some(e) = &self.error {
+            line.push_str(&format!(" | {e}"));
+        }
+        line
+    }
+}
