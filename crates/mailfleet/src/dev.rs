@@ -52,7 +52,8 @@ const FIELD_MANAGER: &str = "mailfleet-dev";
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Directory for the kubeconfig (`DIR/kubeconfig`), the log (`DIR/mailfleet.log`) and the
-    /// relay pods' working directories and logs (`DIR/pods/`).
+    /// relay pods' working directories and logs (`DIR/pods/`, cleared at start: every run is
+    /// a new cluster).
     #[arg(long, default_value = ".dev")]
     dir: PathBuf,
     /// Messages per second the traffic generator submits to the relays.
@@ -81,6 +82,13 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("failed to create {}", args.dir.display()))?;
     let dir = std::path::absolute(&args.dir)
         .with_context(|| format!("failed to resolve {}", args.dir.display()))?;
+    // The API lives in memory, so every run is a new cluster: relay spools and coordinator
+    // state of an earlier run's pods would belong to a pool that no longer exists.
+    let pods = dir.join("pods");
+    if pods.exists() {
+        std::fs::remove_dir_all(&pods)
+            .with_context(|| format!("failed to clear {} of an earlier run", pods.display()))?;
+    }
     let log_path = dir.join("mailfleet.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
