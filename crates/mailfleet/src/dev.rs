@@ -187,7 +187,11 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     println!(
         "  watch        KUBECONFIG={shown} kubectl get relaypools,sendingdomains,warmupplans -A"
     );
-    println!("  logs         {} and {}/pods/*.log", shown_path(&args.dir, &log_path), args.dir.display());
+    println!(
+        "  logs         {} and {}/pods/*.log",
+        shown_path(&args.dir, &log_path),
+        args.dir.display()
+    );
     println!(
         "  dns          {} (UDP+TCP): {SINK_DOMAIN} MX 10 mx.dev.test, mx.dev.test A 127.0.0.1",
         dns.addr
@@ -273,13 +277,16 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
             _ = term.recv() => { interrupted = true; break; }
         }
         if running.operator.is_finished() {
-            println!("the operator stopped unexpectedly; see {}", log_path.display());
+            println!(
+                "the operator stopped unexpectedly; see {}",
+                log_path.display()
+            );
             break;
         }
         let snap = Snapshot::read(&pools, &pods, listener_port).await;
         targets_tx.send_replace(snap.targets.clone());
         n += 1;
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             let table = snap.address_table();
             if table != last_table {
                 print!("{table}");
@@ -339,7 +346,11 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
         last.delivered,
         last.deferred,
         last.bounced,
-        if sources.is_empty() { "-".to_string() } else { sources.join(",") },
+        if sources.is_empty() {
+            "-".to_string()
+        } else {
+            sources.join(",")
+        },
         started.elapsed().as_secs()
     );
     if args.duration.is_some() && !interrupted && pool_accepted == 0 {
@@ -395,7 +406,8 @@ async fn setup(
     }
     let namespaces: Api<Namespace> = Api::all(client.clone());
     for ns in ["mailfleet-system", NAMESPACE] {
-        let doc = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        let doc =
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
         namespaces
             .patch(ns, &apply, &Patch::Apply(&doc))
             .await
@@ -430,7 +442,10 @@ async fn setup(
             continue;
         }
         let kind = value["kind"].as_str().unwrap_or_default().to_string();
-        let name = value["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = value["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let (group, version) = value["apiVersion"]
             .as_str()
             .and_then(|v| v.split_once('/'))
@@ -485,9 +500,11 @@ impl Snapshot {
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
                 .filter_map(|p| {
                     let status = p.status.as_ref()?;
-                    let ready = status.conditions.as_ref()?.iter().any(|c| {
-                        c.type_ == "Ready" && c.status == "True"
-                    });
+                    let ready = status
+                        .conditions
+                        .as_ref()?
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True");
                     let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
                     ready.then_some(SocketAddr::new(ip, port))
                 })
@@ -527,11 +544,18 @@ impl Snapshot {
         let by_source: Vec<String> = sink
             .iter()
             .map(|(ip, c)| {
-                let mut s = format!("{ip}={}", c.accepted);
-                if c.deferred + c.rejected > 0 {
-                    s.push_str(&format!("(+{}x450,{}x550)", c.deferred, c.rejected));
+                let mut refused = Vec::new();
+                if c.deferred > 0 {
+                    refused.push(format!("{}×450", c.deferred));
                 }
-                s
+                if c.rejected > 0 {
+                    refused.push(format!("{}×550", c.rejected));
+                }
+                if refused.is_empty() {
+                    format!("{ip}={}", c.accepted)
+                } else {
+                    format!("{ip}={} ({})", c.accepted, refused.join(" "))
+                }
             })
             .collect();
         let sources: BTreeSet<&IpAddr> = sink.keys().collect();
@@ -548,7 +572,11 @@ impl Snapshot {
             self.bounced,
             sink.values().map(|c| c.accepted).sum::<u64>(),
             sources.len(),
-            if by_source.is_empty() { "-".to_string() } else { by_source.join(" ") },
+            if by_source.is_empty() {
+                "-".to_string()
+            } else {
+                by_source.join(" ")
+            },
         );
         if let Some(e) = &self.error {
             line.push_str(&format!(" | {e}"));

@@ -67,7 +67,10 @@ fn dev_runs_the_fleet_and_mail_leaves_from_the_pool_addresses() {
     let sent = number(&s, "sent");
     let delivered = number(&s, "delivered");
     let from_pool = number(&s, "sink_from_pool");
-    assert!(sent >= 50, "10/s for ~40 s sends far more than {sent}\n{context}");
+    assert!(
+        sent >= 50,
+        "10/s for ~40 s sends far more than {sent}\n{context}"
+    );
     assert!(from_pool > 0, "{context}");
     assert_eq!(
         number(&s, "sink_accepted"),
@@ -75,7 +78,10 @@ fn dev_runs_the_fleet_and_mail_leaves_from_the_pool_addresses() {
         "mail reached the sink from outside the pool's addresses\n{context}"
     );
     // Everything submitted got delivered, and the reports reached the pool's counters.
-    assert!(from_pool + 20 >= sent, "sent {sent}, sink took {from_pool}\n{context}");
+    assert!(
+        from_pool + 20 >= sent,
+        "sent {sent}, sink took {from_pool}\n{context}"
+    );
     assert!(delivered > 0 && delivered <= from_pool, "{context}");
     let sources: Vec<Ipv4Addr> = s["sink_sources"]
         .split(',')
@@ -84,6 +90,9 @@ fn dev_runs_the_fleet_and_mail_leaves_from_the_pool_addresses() {
     assert!(!sources.is_empty());
     for a in &sources {
         assert_eq!(a.octets()[..3], [127, 0, 10], "{a} is not a pool address");
-        assert!((1..=6).contains(&a.octets()[3]), "{a} is not a pool address");
+        assert!(
+            (1..=6).contains(&a.octets()[3]),
+            "{a} is not a pool address"
+        );
     }
 }

@@ -116,7 +116,9 @@ async fn session(
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
-    write.write_all(b"220 mx.dev.test mailfleet dev sink\r\n").await?;
+    write
+        .write_all(b"220 mx.dev.test mailfleet dev sink\r\n")
+        .await?;
     let mut line = String::new();
     let mut recipients = 0u32;
     loop {
