@@ -30,6 +30,7 @@ use kube::api::{
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use mailfleet_api::relaypool::{AddressStatus, RelayPool};
+use mailfleet_api::{SendingDomain, WarmupPlan};
 use tokio::sync::watch;
 
 /// The fleet applied by `mailfleet dev`, with `${...}` placeholders for this run's ports.
@@ -40,6 +41,10 @@ const NAMESPACE: &str = "mail";
 const POOL: &str = "dev";
 /// The domain the generator sends from (the SendingDomain of examples/dev/fleet.yaml).
 const SENDING_DOMAIN: &str = "mail.dev.test";
+/// Its SendingDomain object.
+const SENDING_DOMAIN_OBJECT: &str = "mail-dev-test";
+/// The WarmupPlan of examples/dev/fleet.yaml.
+const WARMUP_PLAN: &str = "standard";
 /// Its DKIM key Secret (the operator reads `<SendingDomain name>-dkim` by default).
 const DKIM_SECRET: &str = "mail-dev-test-dkim";
 /// The domain the generator sends to, whose MX is the sink.
@@ -263,8 +268,6 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("failed to install the SIGTERM handler")?;
     let deadline = args.duration.map(|d| started + Duration::from_secs(d));
-    let pools: Api<RelayPool> = Api::namespaced(client.clone(), NAMESPACE);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_table = String::new();
     let mut n: u64 = 0;
@@ -283,7 +286,7 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
             );
             break;
         }
-        let snap = Snapshot::read(&pools, &pods, listener_port).await;
+        let snap = Snapshot::read(&client, listener_port).await;
         targets_tx.send_replace(snap.targets.clone());
         n += 1;
         if n.is_multiple_of(2) {
@@ -314,7 +317,7 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     };
     if !interrupted {
         while Instant::now() < settle {
-            last = Snapshot::read(&pools, &pods, listener_port).await;
+            last = Snapshot::read(&client, listener_port).await;
             if last.delivered >= accepted_from_pool() {
                 break;
             }
@@ -459,6 +462,18 @@ async fn setup(
     Ok((client, listener_port, coordinator))
 }
 
+/// `Ready=True DNSPublished=False ...` of a condition list.
+fn conditions(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> String {
+    if conditions.is_empty() {
+        return "no conditions".to_string();
+    }
+    conditions
+        .iter()
+        .map(|c| format!("{}={}", c.type_, c.status))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// What one look at the API shows.
 #[derive(Debug, Default)]
 struct Snapshot {
@@ -470,11 +485,18 @@ struct Snapshot {
     bounced: u64,
     /// SMTP addresses of the ready relay pods.
     targets: Vec<SocketAddr>,
+    /// The SendingDomain's and the WarmupPlan's state, one line each.
+    domain: String,
+    warmup: String,
     error: Option<String>,
 }
 
 impl Snapshot {
-    async fn read(pools: &Api<RelayPool>, pods: &Api<Pod>, port: u16) -> Snapshot {
+    async fn read(client: &kube::Client, port: u16) -> Snapshot {
+        let pools: Api<RelayPool> = Api::namespaced(client.clone(), NAMESPACE);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+        let domains: Api<SendingDomain> = Api::namespaced(client.clone(), NAMESPACE);
+        let plans: Api<WarmupPlan> = Api::namespaced(client.clone(), NAMESPACE);
         let mut snap = Snapshot::default();
         match pools.get_opt(POOL).await {
             Ok(Some(pool)) => {
@@ -512,15 +534,51 @@ impl Snapshot {
             targets.sort();
             snap.targets = targets;
         }
+        snap.domain = match domains.get_opt(SENDING_DOMAIN_OBJECT).await {
+            Ok(Some(d)) => match d.status {
+                Some(st) if st.observed_generation.is_some() => format!(
+                    "  domain {SENDING_DOMAIN}: {} | DNS records {} (published {}, verified {}) | DKIM selector {}\n",
+                    conditions(&st.conditions),
+                    st.records.len(),
+                    st.records.iter().filter(|r| r.published).count(),
+                    st.records.iter().filter(|r| r.verified).count(),
+                    st.active_selector.as_deref().unwrap_or("-"),
+                ),
+                _ => format!(
+                    "  domain {SENDING_DOMAIN}: no status yet (this operator has no SendingDomain \
+                     controller; the relays sign with the key in Secret {DKIM_SECRET})\n"
+                ),
+            },
+            _ => String::new(),
+        };
+        snap.warmup = match plans.get_opt(WARMUP_PLAN).await {
+            Ok(Some(p)) => match p.status {
+                Some(st) if st.observed_generation.is_some() => format!(
+                    "  warm-up plan {WARMUP_PLAN}: {} addresses, {} warming, {} warm, {} held{}\n",
+                    st.address_count,
+                    st.warming,
+                    st.warm,
+                    st.held,
+                    st.summary.map(|s| format!(" | {s}")).unwrap_or_default(),
+                ),
+                _ => format!(
+                    "  warm-up plan {WARMUP_PLAN}: {} stages, no status yet (the warm-up engine \
+                     is not in this operator: addresses stay warming, without quotas)\n",
+                    p.spec.stages.len()
+                ),
+            },
+            _ => String::new(),
+        };
         snap
     }
 
-    /// The address table (printed when it changes).
+    /// The address table, the domain and the warm-up plan (printed when they change).
     fn address_table(&self) -> String {
+        let mut out = format!("{}{}", self.domain, self.warmup);
         if self.addresses.is_empty() {
-            return String::new();
+            return out;
         }
-        let mut out = String::from("  addresses (address → pod, state):\n");
+        out.push_str("  addresses (address → pod, state):\n");
         for a in &self.addresses {
             let state = serde_json::to_value(a.state)
                 .ok()
