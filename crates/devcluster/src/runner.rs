@@ -49,6 +49,10 @@ pub struct RunnerConfig {
     pub interval: Duration,
     /// Longest wait between SIGTERM and SIGKILL, whatever the pod's grace period says.
     pub max_grace: Duration,
+    /// The first pod IP handed out; later pods get the following addresses of 127.0.0.0/16
+    /// (skipping .0 and .255). Two emulators on one machine need distinct ranges, as pods
+    /// listen on fixed ports of their IP (a relay's `/metrics` on 9091).
+    pub first_pod_ip: Ipv4Addr,
 }
 
 impl Default for RunnerConfig {
@@ -59,6 +63,7 @@ impl Default for RunnerConfig {
             max_backoff: Duration::from_secs(30),
             interval: Duration::from_millis(250),
             max_grace: Duration::from_secs(10),
+            first_pod_ip: Ipv4Addr::new(127, 0, 0, 2),
         }
     }
 }
@@ -380,7 +385,10 @@ impl Runner {
     }
 
     fn allocate_ip(&mut self) -> Ipv4Addr {
-        let n = (2u32..)
+        // Never 127.0.0.1 (the API server and most test peers live there).
+        let first = (u32::from(self.config.first_pod_ip) & 0xffff).max(2);
+        let n = (first..0x1_0000)
+            .chain(2..first)
             .find(|n| !self.used_ips.contains(n) && n % 256 != 0 && n % 256 != 255)
             .unwrap_or(2);
         self.used_ips.insert(n);

@@ -130,6 +130,23 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr().context("no local address")?.port())
 }
 
+/// The first pod IP of this run: `127.0.X.2` for a block `X` (20-250, away from the egress
+/// addresses in 127.0.10.0/29 and from other emulators' default 127.0.0.N) where no relay
+/// `/metrics` port is taken, so that several dev fleets and tests can run side by side.
+fn pod_ip_block() -> Ipv4Addr {
+    let port = mailfleet_operator::children::RELAY_HTTP_PORT as u16;
+    let start = seed() % 231;
+    (0..231u64)
+        .map(|i| 20 + ((start + i) % 231) as u8)
+        .find(|x| {
+            (2..10u8).all(|host| {
+                std::net::TcpListener::bind((Ipv4Addr::new(127, 0, *x, host), port)).is_ok()
+            })
+        })
+        .map(|x| Ipv4Addr::new(127, 0, x, 2))
+        .unwrap_or(Ipv4Addr::new(127, 0, 20, 2))
+}
+
 fn in_egress_net(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -180,6 +197,7 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     let mut config = mailfleet_devcluster::Config::new(&dir);
     config.runner = Some(mailfleet_devcluster::RunnerConfig {
         relay_program: Some(program),
+        first_pod_ip: pod_ip_block(),
         ..mailfleet_devcluster::RunnerConfig::default()
     });
     let cluster = mailfleet_devcluster::DevCluster::start(config)
