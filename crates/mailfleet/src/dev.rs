@@ -176,7 +176,7 @@ impl Running {
             Ok(_) => {}
             Err(_) => eprintln!("the operator did not stop within 15 s"),
         }
-        // Deleting nothing: the relay processes get SIGTERM from the pod runner's shutdown.
+        // The pod runner's shutdown sends the relay processes SIGTERM and waits for them.
         self.cluster.shutdown().await;
     }
 }
@@ -239,7 +239,8 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
         identity: format!("mailfleet-dev-{}", std::process::id()),
         watch_namespaces: Vec::new(),
         settings: mailfleet_operator::children::Settings {
-            relay_image: "mailfleet-dev (runs as a local process)".to_string(),
+            // Only shown: devcluster runs relay pods as processes of this binary.
+            relay_image: "mailfleet:dev".to_string(),
             coordinator_url: format!("https://127.0.0.1:{coordinator}"),
         },
     };
