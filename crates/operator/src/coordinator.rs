@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use futures_util::Stream;
 use k8s_openapi::api::core::v1::Pod;
@@ -61,12 +62,35 @@ struct ReportState {
     seeded: bool,
     relays: BTreeMap<String, RelayConnection>,
     counters: BTreeMap<String, AddressCounters>,
+    /// Bumped by every applied report; what has been written is in `PoolEntry::flushed`.
+    generation: u64,
+    /// Per pod: the generation that holds its applied sequence (absent: read from status).
+    pod_generation: BTreeMap<String, u64>,
+    /// A flush task runs for this pool.
+    flushing: bool,
 }
 
-#[derive(Debug, Default)]
+/// How long reports gather before one status write carries them all.
+const FLUSH_DELAY: Duration = Duration::from_millis(300);
+/// How long a relay waits for its report to be written before it is told to retry.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
 struct PoolEntry {
     config: Mutex<ConfigState>,
     reports: tokio::sync::Mutex<ReportState>,
+    /// The report generation last written to the pool's status.
+    flushed: watch::Sender<u64>,
+}
+
+impl Default for PoolEntry {
+    fn default() -> Self {
+        PoolEntry {
+            config: Mutex::default(),
+            reports: tokio::sync::Mutex::default(),
+            flushed: watch::channel(0).0,
+        }
+    }
 }
 
 /// State shared by the controller and the coordinator service.
@@ -389,6 +413,22 @@ impl Fleet {
         Ok(())
     }
 
+    /// Waits until the pool's status holds report generation `target`.
+    async fn wait_flushed(
+        &self,
+        pool: &PoolKey,
+        entry: &PoolEntry,
+        target: u64,
+    ) -> Result<(), Status> {
+        let mut rx = entry.flushed.subscribe();
+        match tokio::time::timeout(FLUSH_WAIT, rx.wait_for(|g| *g >= target)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Status::unavailable(format!(
+                "the report is not recorded in RelayPool {pool} yet; send it again"
+            ))),
+        }
+    }
+
     async fn write_status(&self, pool: &PoolKey, state: &ReportState) -> Result<(), kube::Error> {
         let api: Api<RelayPool> = Api::namespaced(self.client.clone(), &pool.namespace);
         let relays: Vec<&RelayConnection> = state.relays.values().collect();
@@ -546,17 +586,20 @@ impl Coordinator for CoordinatorService {
         let entry = self.fleet.entry(&pool);
         let mut reports = entry.reports.lock().await;
         self.fleet.seed(&pool, &mut reports).await?;
-        let previous =
-            reports
-                .relays
-                .get(&r.pod_name)
-                .cloned()
-                .unwrap_or_else(|| RelayConnection {
-                    pod: r.pod_name.clone(),
-                    ..RelayConnection::default()
-                });
-        let applied = u64::try_from(previous.applied_sequence).unwrap_or(0);
+        let applied = reports
+            .relays
+            .get(&r.pod_name)
+            .map(|c| u64::try_from(c.applied_sequence).unwrap_or(0))
+            .unwrap_or(0);
         if r.sequence <= applied {
+            // Already counted: acknowledge once what counted it is written.
+            let target = reports
+                .pod_generation
+                .get(&r.pod_name)
+                .copied()
+                .unwrap_or(0);
+            drop(reports);
+            self.fleet.wait_flushed(&pool, &entry, target).await?;
             self.fleet
                 .metrics
                 .count("coordinator_reports_total", &[("result", "duplicate")]);
@@ -564,12 +607,12 @@ impl Coordinator for CoordinatorService {
                 applied_sequence: applied,
             }));
         }
-        let mut counters = reports.counters.clone();
         for d in &r.deltas {
             if d.address.is_empty() || d.count == 0 {
                 continue;
             }
-            let c = counters
+            let c = reports
+                .counters
                 .entry(d.address.clone())
                 .or_insert_with(|| AddressCounters {
                     address: d.address.clone(),
@@ -577,8 +620,7 @@ impl Coordinator for CoordinatorService {
                 });
             count(c, d.outcome, d.count);
         }
-        let mut relays = reports.relays.clone();
-        relays.insert(
+        reports.relays.insert(
             r.pod_name.clone(),
             RelayConnection {
                 pod: r.pod_name.clone(),
@@ -587,28 +629,64 @@ impl Coordinator for CoordinatorService {
                 last_report: Some(Time(k8s_openapi::jiff::Timestamp::now())),
             },
         );
-        let next = ReportState {
-            seeded: true,
-            relays,
-            counters,
-        };
-        // Counted only once it is in the status: an operator restart re-reads it from there.
-        if let Err(e) = self.fleet.write_status(&pool, &next).await {
-            self.fleet
-                .metrics
-                .count("coordinator_reports_total", &[("result", "error")]);
-            return Err(Status::unavailable(format!(
-                "cannot record the report in RelayPool {pool}: {e}"
-            )));
+        reports.generation += 1;
+        let target = reports.generation;
+        reports.pod_generation.insert(r.pod_name.clone(), target);
+        if !reports.flushing {
+            reports.flushing = true;
+            tokio::spawn(flush(
+                Arc::clone(&self.fleet),
+                pool.clone(),
+                Arc::clone(&entry),
+            ));
         }
-        *reports = next;
         drop(reports);
+        // Acknowledged only once it is in the status: an operator restart re-reads it from
+        // there, and a relay that got no acknowledgement resends the same sequence.
+        self.fleet.wait_flushed(&pool, &entry, target).await?;
         self.fleet
             .metrics
             .count("coordinator_reports_total", &[("result", "applied")]);
         Ok(Response::new(ReportAck {
             applied_sequence: r.sequence,
         }))
+    }
+}
+
+/// Writes a pool's report state to its status, gathering the reports that arrive meanwhile
+/// into one write, until nothing new is left; retries while the API server refuses.
+async fn flush(fleet: Arc<Fleet>, pool: PoolKey, entry: Arc<PoolEntry>) {
+    loop {
+        tokio::time::sleep(FLUSH_DELAY).await;
+        let (snapshot, generation) = {
+            let r = entry.reports.lock().await;
+            (
+                ReportState {
+                    seeded: true,
+                    relays: r.relays.clone(),
+                    counters: r.counters.clone(),
+                    ..ReportState::default()
+                },
+                r.generation,
+            )
+        };
+        match fleet.write_status(&pool, &snapshot).await {
+            Ok(()) => {
+                entry.flushed.send_replace(generation);
+                let mut r = entry.reports.lock().await;
+                if r.generation == generation {
+                    r.flushing = false;
+                    return;
+                }
+            }
+            Err(e) => {
+                fleet
+                    .metrics
+                    .count("coordinator_reports_total", &[("result", "error")]);
+                tracing::warn!(%pool, error = %e, "cannot record reports in the pool's status; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

@@ -789,7 +789,12 @@ pub async fn run(
     let client = &ctx.client;
     let ns = namespace.as_deref();
     let labelled = watcher::Config::default().labels(POOL_LABEL);
+    // Relay reports change the pool's status every few seconds; debouncing folds the
+    // triggers they cause (and bursts of child events) into one reconcile.
     Controller::new(api::<RelayPool>(client, ns), watcher::Config::default())
+        .with_config(
+            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+        )
         .owns(api::<StatefulSet>(client, ns), labelled.clone())
         .owns(api::<Secret>(client, ns), labelled.clone())
         .watches(api::<Pod>(client, ns), labelled, |pod| pool_of_labels(&pod))

@@ -447,6 +447,20 @@ async fn controller_coordinator_and_exactly_once_reports() {
             .is_err()
     );
 
+    // Reports arriving together are written together, each counted once.
+    let calls = [1, 2].map(|i| {
+        let mut c = c.clone();
+        let pod = format!("transactional-{i}");
+        let addr = addr.clone();
+        async move {
+            for seq in 1..=5 {
+                c.report(report(&pod, seq, &addr, 1)).await.unwrap();
+            }
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    assert_eq!(delivered(&client, &addr).await, 18);
+
     // A second replica waits as a follower (not ready) while the first leads.
     let coordinator_b = free_addr();
     let op_b = start_operator(&client, "op-b", coordinator_b);
@@ -485,7 +499,7 @@ async fn controller_coordinator_and_exactly_once_reports() {
     c.report(report("transactional-0", 3, &addr, 1))
         .await
         .unwrap();
-    assert_eq!(delivered(&client, &addr).await, 9);
+    assert_eq!(delivered(&client, &addr).await, 19);
     // Addresses did not move across the change of leader.
     let after = pools.get("transactional").await.unwrap().status.unwrap();
     for a in &status.addresses {
