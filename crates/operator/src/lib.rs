@@ -6,6 +6,7 @@
 
 pub mod children;
 pub mod coordinator;
+pub mod dns;
 pub mod egress;
 pub mod leader;
 pub mod metrics;

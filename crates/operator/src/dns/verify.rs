@@ -1,0 +1,128 @@
+//! What the authoritative servers serve, asked with hickory-resolver, and whether it is what
+//! is desired.
+//!
+//! A fresh resolver per check with caching off: a verification must see the zone as it is
+//! now, not as it was when a negative answer was cached.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RecordType as HType;
+
+use super::plan::contradicts;
+use super::{Record, RecordType};
+
+/// Errors of verification.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("no nameserver to verify against: set dns.verifyNameservers")]
+    NoServers,
+    #[error("cannot build a resolver for {servers:?}: {reason}")]
+    Resolver {
+        servers: Vec<SocketAddr>,
+        reason: String,
+    },
+    #[error("cannot look up {name} {record_type} at {servers:?}: {reason}")]
+    Lookup {
+        servers: Vec<SocketAddr>,
+        name: String,
+        record_type: RecordType,
+        reason: String,
+    },
+}
+
+/// Asks `servers` (authoritative, no recursion needed) for the records at `names`.
+pub async fn served(
+    servers: &[SocketAddr],
+    names: &BTreeSet<(String, RecordType)>,
+) -> Result<Vec<Record>, VerifyError> {
+    if servers.is_empty() {
+        return Err(VerifyError::NoServers);
+    }
+    let mut config = ResolverConfig::from_parts(None, Vec::new(), Vec::new());
+    for s in servers {
+        let mut udp = ConnectionConfig::udp();
+        udp.port = s.port();
+        let mut tcp = ConnectionConfig::tcp();
+        tcp.port = s.port();
+        let mut ns = NameServerConfig::udp_and_tcp(s.ip());
+        ns.connections = vec![udp, tcp];
+        config.add_name_server(ns);
+    }
+    let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+    builder.options_mut().timeout = Duration::from_secs(3);
+    builder.options_mut().attempts = 2;
+    builder.options_mut().ndots = 0;
+    builder.options_mut().cache_size = 0;
+    builder.options_mut().recursion_desired = false;
+    let resolver = builder.build().map_err(|e| VerifyError::Resolver {
+        servers: servers.to_vec(),
+        reason: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    for (name, t) in names {
+        let qtype = match t {
+            RecordType::Txt => HType::TXT,
+            RecordType::Mx => HType::MX,
+        };
+        match resolver.lookup(format!("{name}."), qtype).await {
+            Ok(lookup) => {
+                for r in lookup.answers() {
+                    if super::normalize(&r.name.to_ascii()) != *name {
+                        continue;
+                    }
+                    if let Some(data) = super::rfc2136::from_hickory(&r.data) {
+                        out.push(Record {
+                            name: name.clone(),
+                            data,
+                        });
+                    }
+                }
+            }
+            Err(e) if e.is_no_records_found() || e.is_nx_domain() => {}
+            Err(e) => {
+                return Err(VerifyError::Lookup {
+                    servers: servers.to_vec(),
+                    name: name.clone(),
+                    record_type: *t,
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Per desired record: served exactly, with nothing contradicting it at the same name (a
+/// second SPF or DMARC record would make receivers fail both).
+pub fn verified(desired: &[Record], served: &[Record]) -> Vec<bool> {
+    desired
+        .iter()
+        .map(|d| served.iter().any(|s| s.same_as(d)) && !served.iter().any(|s| contradicts(d, s)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verified_needs_exact_value_and_no_contradiction() {
+        let spf = Record::txt("d.test", "v=spf1 ip4:127.0.0.1 -all");
+        let other_spf = Record::txt("d.test", "v=spf1 -all");
+        let unrelated = Record::txt("d.test", "google-site-verification=x");
+        assert_eq!(
+            verified(std::slice::from_ref(&spf), &[spf.clone(), unrelated]),
+            [true]
+        );
+        assert_eq!(verified(std::slice::from_ref(&spf), &[]), [false]);
+        assert_eq!(
+            verified(std::slice::from_ref(&spf), &[spf.clone(), other_spf]),
+            [false]
+        );
+    }
+}
