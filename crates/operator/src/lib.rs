@@ -1,17 +1,20 @@
 //! The operator: controllers for the custom resources and the coordinator service.
 //!
 //! Pure decision logic lives in its own modules ([`egress`] allocation, [`children`] objects)
-//! and is unit-tested without a cluster; [`relaypool`] wires it to the API server, the
+//! and is unit-tested without a cluster, as are the DNS records and plan ([`dns`]) and DKIM keys
+//! ([`dkim`]); [`relaypool`] and [`sendingdomain`] wire them to the API server, the
 //! [`coordinator`] serves the relays, [`leader`] makes two replicas safe. [`run`] starts it all.
 
 pub mod children;
 pub mod coordinator;
+pub mod dkim;
 pub mod dns;
 pub mod egress;
 pub mod leader;
 pub mod metrics;
 pub mod pki;
 pub mod relaypool;
+pub mod sendingdomain;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -230,9 +233,21 @@ pub async fn run(
         ),
     });
     let mut controllers = Vec::new();
-    for ns in namespaces {
+    for ns in namespaces.iter().cloned() {
         controllers.push(tokio::spawn(relaypool::run(
             Arc::clone(&ctx),
+            ns,
+            wait_true(stop_rx.clone()),
+        )));
+    }
+    // SendingDomains: keys, DNS records, verification, rotation.
+    let domains = Arc::new(sendingdomain::Context::new(
+        client.clone(),
+        Arc::clone(&metrics),
+    ));
+    for ns in namespaces {
+        controllers.push(tokio::spawn(sendingdomain::run(
+            Arc::clone(&domains),
             ns,
             wait_true(stop_rx.clone()),
         )));

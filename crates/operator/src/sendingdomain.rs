@@ -1,0 +1,926 @@
+//! The SendingDomain controller: DKIM keys in a Secret, the domain's records published through
+//! its DNS provider and verified at the authoritative servers, DKIM rotation, and cleanup of
+//! records and keys when the domain is deleted.
+//!
+//! One reconcile is a pipeline: read the pool and the key Secret (async) → keys (generate or
+//! rotate, then apply the Secret) → desired records ([`dns::desired`], pure) → plan against
+//! the provider ([`dns::plan`], pure) and apply it → verify ([`dns::verify`]) → status. DNS
+//! trouble never fails the reconcile: it is told in conditions and retried with backoff, and
+//! nothing else (the relays' signing, other domains) stops.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use mailfleet_api::common::{ConditionStatus, parse_duration, set_condition};
+use mailfleet_api::relaypool::RelayPool;
+use mailfleet_api::sendingdomain::{
+    CONDITION_DKIM_READY, CONDITION_DNS_PUBLISHED, CONDITION_DNS_VERIFIED, CONDITION_READY,
+    DnsProvider, DnsRecordStatus, RetiringSelector, SendingDomain, SendingDomainStatus,
+};
+use serde_json::json;
+
+use crate::dkim::{self, KeySet, SecretKeys};
+use crate::dns::rfc2136::{Rfc2136, Rfc2136Error, resolve_server};
+use crate::dns::{self, Record, desired::DkimPublicKey, plan};
+use crate::metrics::Metrics;
+
+/// Field manager of everything this controller applies.
+pub const MANAGER: &str = "mailfleet-operator";
+/// Finalizer: removes the domain's records from DNS and its generated keys.
+pub const FINALIZER: &str = "mailfleet.dev/sendingdomain";
+/// Label on generated key Secrets: the SendingDomain's name.
+pub const DOMAIN_LABEL: &str = "mailfleet.dev/sendingdomain";
+/// Annotation on the key Secret: when the next selector was first seen verified.
+pub const NEXT_VERIFIED_AT: &str = "mailfleet.dev/next-verified-at";
+const CONTROLLER: &str = "sendingdomain";
+/// Retirement delay of an old selector when the pool does not say (its max queue lifetime).
+const DEFAULT_RETENTION: Duration = Duration::from_secs(5 * 86_400);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+const RESYNC: Duration = Duration::from_secs(600);
+
+/// Errors of one reconcile, by category. DNS failures are not among them: they end up in
+/// conditions.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Kubernetes API request failed: {0}")]
+    Api(#[from] kube::Error),
+    #[error("cannot generate DKIM keys: {0}")]
+    Dkim(#[from] dkim::DkimError),
+    #[error("cannot remove the records of {domain}: {source}")]
+    Cleanup {
+        domain: String,
+        source: Rfc2136Error,
+    },
+    #[error("cannot remove the records of {domain}: {reason}")]
+    CleanupConfig { domain: String, reason: String },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl ReconcileError {
+    fn category(&self) -> &'static str {
+        match self {
+            ReconcileError::Api(_) => "api",
+            ReconcileError::Dkim(_) => "dkim",
+            ReconcileError::Cleanup { .. } | ReconcileError::CleanupConfig { .. } => "dns",
+            ReconcileError::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// The controller's notion of now; tests inject one to rotate keys in seconds.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// What every reconcile needs.
+pub struct Context {
+    pub client: kube::Client,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+    /// Consecutive DNS failures per domain (`namespace/name`), for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: kube::Client, metrics: Arc<Metrics>) -> Context {
+        Context {
+            client,
+            metrics,
+            clock: Arc::new(Timestamp::now),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Replaces the clock (tests).
+    pub fn with_clock(mut self, clock: Clock) -> Context {
+        self.clock = clock;
+        self
+    }
+
+    fn backoff(&self, key: &str, failed: bool) -> Option<Duration> {
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if !failed {
+            map.remove(key);
+            return None;
+        }
+        let n = map.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        let secs = 1u64 << (*n).min(9);
+        Some(Duration::from_secs(secs).min(MAX_BACKOFF))
+    }
+}
+
+fn key_of(d: &SendingDomain) -> String {
+    format!("{}/{}", d.namespace().unwrap_or_default(), d.name_any())
+}
+
+/// Name of the key Secret: the referenced one, or `<name>-dkim`.
+pub fn key_secret_name(d: &SendingDomain) -> String {
+    d.spec
+        .dkim
+        .key_secret_ref
+        .as_ref()
+        .map(|r| r.name.clone())
+        .unwrap_or_else(|| format!("{}-dkim", d.name_any()))
+}
+
+fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
+    s.data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, ByteString(v))| (k, v))
+        .collect()
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(t)
+}
+
+/// A condition's (status, reason, message).
+type Cond = (ConditionStatus, &'static str, String);
+
+/// The keys to publish and what status says about them.
+struct Keys {
+    secret: SecretKeys,
+    retiring: Vec<RetiringSelector>,
+    last_rotation: Option<Time>,
+    condition: Cond,
+    /// When the next rotation step is due (to requeue in time).
+    next_step: Option<Timestamp>,
+}
+
+/// Generated keys: create, rotate, retire; write the Secret when it changes.
+async fn ensure_keys(
+    d: &SendingDomain,
+    ctx: &Context,
+    retention: Duration,
+) -> Result<Keys, ReconcileError> {
+    let ns = d.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = key_secret_name(d);
+    let existing = secrets.get_opt(&name).await?;
+    let status = d.status.clone().unwrap_or_default();
+    let algorithm = d.spec.dkim.algorithm;
+    let now = (ctx.clock)();
+
+    if d.spec.dkim.key_secret_ref.is_some() {
+        let Some(secret) = existing else {
+            return Ok(Keys {
+                secret: SecretKeys::default(),
+                retiring: Vec::new(),
+                last_rotation: None,
+                condition: (
+                    ConditionStatus::False,
+                    "KeySecretNotFound",
+                    format!("the DKIM key Secret {name} (dkim.keySecretRef) does not exist"),
+                ),
+                next_step: None,
+            });
+        };
+        let keys = SecretKeys::from_data(&secret_data(&secret), Some(&d.spec.dkim.selector_prefix));
+        let condition = match keys.active.as_ref().map(|a| a.check(algorithm)) {
+            Some(Ok(())) => (
+                ConditionStatus::True,
+                "KeysReady",
+                format!("keys from Secret {name}"),
+            ),
+            Some(Err(e)) => (ConditionStatus::False, "KeySecretInvalid", e.to_string()),
+            None => (
+                ConditionStatus::False,
+                "KeySecretInvalid",
+                format!("the DKIM key Secret {name} holds neither rsa.pem nor ed25519.pem"),
+            ),
+        };
+        return Ok(Keys {
+            secret: SecretKeys {
+                next: None,
+                retiring: Vec::new(),
+                ..keys
+            },
+            retiring: Vec::new(),
+            last_rotation: status.last_rotation,
+            condition,
+            next_step: None,
+        });
+    }
+
+    let before = existing
+        .as_ref()
+        .map(|s| SecretKeys::from_data(&secret_data(s), None))
+        .unwrap_or_default();
+    let mut annotation: Option<Timestamp> = existing
+        .as_ref()
+        .and_then(|s| s.metadata.annotations.as_ref())
+        .and_then(|a| a.get(NEXT_VERIFIED_AT))
+        .and_then(|v| v.parse().ok());
+    let mut keys = before.clone();
+    let mut last_rotation = status.last_rotation.clone();
+    let mut next_step = None;
+    let taken =
+        |k: &SecretKeys| -> Vec<String> { k.published().map(|s| s.selector.clone()).collect() };
+    let prefix = &d.spec.dkim.selector_prefix;
+
+    if keys
+        .active
+        .as_ref()
+        .is_none_or(|a| a.check(algorithm).is_err())
+    {
+        let t = taken(&keys);
+        let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+        keys.active = Some(KeySet::generate(
+            &dkim::selector(prefix, now, &refs),
+            algorithm,
+        )?);
+        keys.next = None;
+        annotation = None;
+        last_rotation = Some(Time(now));
+    }
+    let ttl = Duration::from_secs(u64::try_from(d.spec.dns.ttl).unwrap_or(300));
+    let mut retiring: Vec<RetiringSelector> = Vec::new();
+    if let Some(period) = d
+        .spec
+        .dkim
+        .rotation_period
+        .as_deref()
+        .and_then(|p| parse_duration(p).ok())
+    {
+        let since = last_rotation.as_ref().map(|t| t.0).unwrap_or(now);
+        let due = add(since, period);
+        if keys.next.is_none() {
+            if now >= due {
+                let t = taken(&keys);
+                let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+                keys.next = Some(KeySet::generate(
+                    &dkim::selector(prefix, now, &refs),
+                    algorithm,
+                )?);
+                annotation = None;
+            } else {
+                next_step = Some(due);
+            }
+        }
+        if let Some(next) = keys.next.clone() {
+            // Published and verified (as the last status saw it), then one TTL more so that
+            // no resolver still caches the absence of the new record.
+            let names: Vec<String> = next
+                .public_keys(algorithm)?
+                .iter()
+                .map(|k| dns::desired::dkim_name(&k.selector, &d.spec.domain))
+                .collect();
+            let verified = !names.is_empty()
+                && names
+                    .iter()
+                    .all(|n| status.records.iter().any(|r| r.name == *n && r.verified));
+            match (verified, annotation) {
+                (false, _) => annotation = None,
+                (true, None) => {
+                    annotation = Some(now);
+                    next_step = Some(add(now, ttl));
+                }
+                (true, Some(at)) if now >= add(at, ttl) => {
+                    // The switch: one write of the Secret; the relays' configuration follows
+                    // it in one step.
+                    if let Some(old) = keys.active.replace(next) {
+                        keys.retiring.push(old.clone());
+                        retiring.push(RetiringSelector {
+                            selector: old.selector,
+                            remove_after: Time(add(now, retention)),
+                        });
+                    }
+                    keys.next = None;
+                    annotation = None;
+                    last_rotation = Some(Time(now));
+                }
+                (true, Some(at)) => next_step = Some(add(at, ttl)),
+            }
+        }
+    }
+    // Retiring selectors stay published until their time is up.
+    let mut kept = Vec::new();
+    for set in std::mem::take(&mut keys.retiring) {
+        let remove_after = retiring
+            .iter()
+            .chain(status.retiring_selectors.iter())
+            .find(|r| r.selector == set.selector)
+            .map(|r| r.remove_after.clone())
+            .unwrap_or_else(|| Time(add(now, retention)));
+        if now >= remove_after.0 {
+            continue;
+        }
+        next_step = Some(next_step.map_or(remove_after.0, |n: Timestamp| n.min(remove_after.0)));
+        if !retiring.iter().any(|r| r.selector == set.selector) {
+            retiring.push(RetiringSelector {
+                selector: set.selector.clone(),
+                remove_after,
+            });
+        }
+        kept.push(set);
+    }
+    keys.retiring = kept;
+
+    let old_annotation = existing
+        .as_ref()
+        .and_then(|s| s.metadata.annotations.as_ref())
+        .and_then(|a| a.get(NEXT_VERIFIED_AT))
+        .cloned();
+    if keys != before || existing.is_none() || annotation.map(|a| a.to_string()) != old_annotation {
+        let data: BTreeMap<String, ByteString> = keys
+            .to_data()
+            .into_iter()
+            .map(|(k, v)| (k, ByteString(v.into_bytes())))
+            .collect();
+        let mut annotations = serde_json::Map::new();
+        if let Some(at) = annotation {
+            annotations.insert(NEXT_VERIFIED_AT.to_string(), json!(at.to_string()));
+        }
+        let owner = d
+            .controller_owner_ref(&())
+            .map(|o| vec![o])
+            .unwrap_or_default();
+        let doc = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "labels": {
+                    DOMAIN_LABEL: d.name_any(),
+                    "app.kubernetes.io/managed-by": "mailfleet",
+                },
+                "annotations": annotations,
+                "ownerReferences": owner,
+            },
+            "type": "Opaque",
+            "data": data,
+        });
+        secrets
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&doc),
+            )
+            .await?;
+        tracing::info!(domain = %key_of(d), secret = %name,
+            active = ?keys.active.as_ref().map(|a| &a.selector),
+            next = ?keys.next.as_ref().map(|a| &a.selector), "wrote the DKIM key Secret");
+    }
+    let active = keys
+        .active
+        .as_ref()
+        .map(|a| a.selector.clone())
+        .unwrap_or_default();
+    Ok(Keys {
+        secret: keys,
+        retiring,
+        last_rotation,
+        condition: (
+            ConditionStatus::True,
+            "KeysReady",
+            format!("relays sign with selector {active} (keys in Secret {name})"),
+        ),
+        next_step,
+    })
+}
+
+/// The egress addresses the domain sends from: the pinned ones, or the pool's table (its
+/// spec when status has none yet).
+fn addresses(d: &SendingDomain, pool: Option<&RelayPool>) -> (Vec<IpAddr>, Option<String>) {
+    if let Some(list) = &d.spec.addresses {
+        return (list.iter().filter_map(|a| a.parse().ok()).collect(), None);
+    }
+    let Some(pool) = pool else {
+        return (
+            Vec::new(),
+            Some(format!(
+                "the relay pool {} does not exist",
+                d.spec.relay_pool_ref.name
+            )),
+        );
+    };
+    let from_status: Vec<IpAddr> = pool
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter())
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    if !from_status.is_empty() {
+        return (from_status, None);
+    }
+    match crate::egress::expand(&pool.spec.egress) {
+        Ok(list) => (list.into_iter().map(|a| a.ip).collect(), None),
+        Err(e) => (
+            Vec::new(),
+            Some(format!("the relay pool's egress is invalid: {e}")),
+        ),
+    }
+}
+
+/// The rfc2136 provider of a domain, with its TSIG secret.
+async fn rfc2136_provider(
+    d: &SendingDomain,
+    ctx: &Context,
+) -> Result<Rfc2136, (&'static str, String)> {
+    let Some(cfg) = &d.spec.dns.rfc2136 else {
+        return Err(("InvalidConfiguration", "dns.rfc2136 is missing".to_string()));
+    };
+    let ns = d.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let key = cfg.tsig_secret_ref.key.as_deref().unwrap_or("secret");
+    let secret = secrets
+        .get_opt(&cfg.tsig_secret_ref.name)
+        .await
+        .map_err(|e| {
+            (
+                "SecretUnreadable",
+                format!(
+                    "cannot read the TSIG secret {}: {e}",
+                    cfg.tsig_secret_ref.name
+                ),
+            )
+        })?
+        .ok_or_else(|| {
+            (
+                "TSIGSecretNotFound",
+                format!(
+                    "the TSIG secret {} does not exist",
+                    cfg.tsig_secret_ref.name
+                ),
+            )
+        })?;
+    let value = secret_data(&secret)
+        .remove(key)
+        .map(|v| String::from_utf8_lossy(&v).trim().to_string())
+        .ok_or_else(|| {
+            (
+                "TSIGSecretNotFound",
+                format!(
+                    "the TSIG secret {} has no key {key:?}",
+                    cfg.tsig_secret_ref.name
+                ),
+            )
+        })?;
+    let server = resolve_server(&cfg.server)
+        .await
+        .map_err(|e| (e.reason(), e.to_string()))?;
+    Rfc2136::new(
+        server,
+        &cfg.zone,
+        &cfg.tsig_key_name,
+        cfg.tsig_algorithm,
+        &value,
+        u32::try_from(d.spec.dns.ttl).unwrap_or(300),
+    )
+    .map_err(|e| (e.reason(), e.to_string()))
+}
+
+/// What publishing achieved.
+struct Published {
+    /// Per desired record: written (or already there).
+    published: Vec<bool>,
+    condition: Cond,
+}
+
+/// Plans against the server and applies the plan.
+async fn publish_rfc2136(
+    d: &SendingDomain,
+    provider: &Rfc2136,
+    desired: &[Record],
+) -> Result<Published, Rfc2136Error> {
+    let domain = &d.spec.domain;
+    let reg_name = plan::registry_name(domain);
+    let registry: Vec<String> = provider
+        .read(&[(reg_name, dns::RecordType::Txt)].into_iter().collect())
+        .await?
+        .iter()
+        .map(Record::value)
+        .collect();
+    let current = provider
+        .read(&plan::names_to_read(desired, &registry))
+        .await?;
+    let p = plan::plan(domain, &key_of(d), desired, &current, &registry);
+    provider.apply(&p).await?;
+    if !p.is_empty() {
+        tracing::info!(domain = %key_of(d), create = p.create.len(), delete = p.delete.len(),
+            server = %provider.server, "applied DNS changes");
+    }
+    let published = desired
+        .iter()
+        .map(|r| !p.conflicts.iter().any(|c| c.record.same_as(r)))
+        .collect();
+    let condition = if p.conflicts.is_empty() {
+        (
+            ConditionStatus::True,
+            "Published",
+            format!(
+                "{} record(s) in zone {} at {}",
+                desired.len(),
+                d.spec
+                    .dns
+                    .rfc2136
+                    .as_ref()
+                    .map(|c| c.zone.as_str())
+                    .unwrap_or(""),
+                provider.server
+            ),
+        )
+    } else {
+        (
+            ConditionStatus::False,
+            "Conflict",
+            p.conflicts
+                .iter()
+                .map(plan::Conflict::message)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    };
+    Ok(Published {
+        published,
+        condition,
+    })
+}
+
+async fn verify_servers(
+    d: &SendingDomain,
+    provider: Option<&Rfc2136>,
+) -> Result<Vec<SocketAddr>, String> {
+    let mut out = Vec::new();
+    for s in &d.spec.dns.verify_nameservers {
+        out.push(resolve_server(s).await.map_err(|e| e.to_string())?);
+    }
+    if out.is_empty() {
+        out.extend(provider.map(|p| p.server));
+    }
+    Ok(out)
+}
+
+async fn reconcile(d: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let ns = d.namespace().unwrap_or_default();
+    let api: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, d, |event| async {
+        match event {
+            Finalizer::Apply(d) => apply_domain(&d, &ctx).await,
+            Finalizer::Cleanup(d) => cleanup(&d, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => ReconcileError::Finalizer(other.to_string()),
+    });
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics.count(
+        "reconciles_total",
+        &[("controller", CONTROLLER), ("result", outcome)],
+    );
+    ctx.metrics.observe(
+        "reconcile_duration_seconds",
+        &[("controller", CONTROLLER)],
+        started.elapsed(),
+    );
+    result
+}
+
+async fn cleanup(d: &SendingDomain, ctx: &Context) -> Result<Action, ReconcileError> {
+    let domain = d.spec.domain.clone();
+    if d.spec.dns.provider == DnsProvider::Rfc2136 {
+        let provider = rfc2136_provider(d, ctx).await.map_err(|(_, reason)| {
+            ReconcileError::CleanupConfig {
+                domain: domain.clone(),
+                reason,
+            }
+        })?;
+        let err = |source| ReconcileError::Cleanup {
+            domain: domain.clone(),
+            source,
+        };
+        let reg_name = plan::registry_name(&domain);
+        let registry: Vec<String> = provider
+            .read(&[(reg_name, dns::RecordType::Txt)].into_iter().collect())
+            .await
+            .map_err(err)?
+            .iter()
+            .map(Record::value)
+            .collect();
+        let current = provider
+            .read(&plan::names_to_read(&[], &registry))
+            .await
+            .map_err(err)?;
+        let p = plan::plan(&domain, &key_of(d), &[], &current, &registry);
+        provider.apply(&p).await.map_err(err)?;
+        tracing::info!(domain = %key_of(d), removed = p.delete.len(), "removed the domain's DNS records");
+    }
+    if d.spec.dkim.key_secret_ref.is_none() {
+        let secrets: Api<Secret> =
+            Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+        match secrets
+            .delete(&key_secret_name(d), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    ctx.backoff(&key_of(d), false);
+    Ok(Action::await_change())
+}
+
+async fn apply_domain(d: &SendingDomain, ctx: &Context) -> Result<Action, ReconcileError> {
+    let ns = d.namespace().unwrap_or_default();
+    let name = d.name_any();
+    let now = (ctx.clock)();
+    let generation = d.metadata.generation;
+
+    let pools: Api<RelayPool> = Api::namespaced(ctx.client.clone(), &ns);
+    let pool = pools.get_opt(&d.spec.relay_pool_ref.name).await?;
+    let retention = pool
+        .as_ref()
+        .and_then(|p| parse_duration(&p.spec.delivery.max_queue_lifetime).ok())
+        .unwrap_or(DEFAULT_RETENTION);
+    let (addrs, pool_problem) = addresses(d, pool.as_ref());
+
+    let keys = ensure_keys(d, ctx, retention).await?;
+    let mut dkim_condition = keys.condition.clone();
+    let mut pubkeys: Vec<DkimPublicKey> = Vec::new();
+    for set in keys.secret.published() {
+        match set.public_keys(d.spec.dkim.algorithm) {
+            Ok(k) => pubkeys.extend(k),
+            Err(e) => dkim_condition = (ConditionStatus::False, "KeyInvalid", e.to_string()),
+        }
+    }
+    let desired = dns::desired::desired(&d.spec, &addrs, &pubkeys);
+    let mut problems: Vec<String> = pool_problem.into_iter().collect();
+    problems.extend(desired.problems.iter().cloned());
+
+    // Publish.
+    let mut provider = None;
+    let publish: Published = match d.spec.dns.provider {
+        DnsProvider::Rfc2136 => match rfc2136_provider(d, ctx).await {
+            Err((reason, message)) => Published {
+                published: vec![false; desired.records.len()],
+                condition: (ConditionStatus::False, reason, message),
+            },
+            Ok(p) => {
+                let r = publish_rfc2136(d, &p, &desired.records).await;
+                provider = Some(p);
+                match r {
+                    Ok(p) => p,
+                    Err(e) => Published {
+                        published: vec![false; desired.records.len()],
+                        condition: (ConditionStatus::False, e.reason(), e.to_string()),
+                    },
+                }
+            }
+        },
+        DnsProvider::Manual => Published {
+            published: vec![false; desired.records.len()],
+            condition: (
+                ConditionStatus::Unknown,
+                "Manual",
+                "records are listed in status.records for a person to publish".to_string(),
+            ),
+        },
+        DnsProvider::ExternalDns => Published {
+            published: vec![false; desired.records.len()],
+            condition: (
+                ConditionStatus::False,
+                "NotImplemented",
+                "the externalDNS provider is not implemented yet; records are listed in status.records"
+                    .to_string(),
+            ),
+        },
+    };
+
+    // Verify.
+    let names: std::collections::BTreeSet<(String, dns::RecordType)> = desired
+        .records
+        .iter()
+        .map(|r| (r.name.clone(), r.record_type()))
+        .collect();
+    let (verified, verify_condition): (Vec<bool>, Cond) =
+        match verify_servers(d, provider.as_ref()).await {
+            Err(e) => (
+                vec![false; desired.records.len()],
+                (ConditionStatus::Unknown, "InvalidNameserver", e),
+            ),
+            Ok(servers) => match dns::verify::served(&servers, &names).await {
+                Err(e) => (
+                    vec![false; desired.records.len()],
+                    (
+                        ConditionStatus::Unknown,
+                        "VerificationFailed",
+                        e.to_string(),
+                    ),
+                ),
+                Ok(served) => {
+                    let v = dns::verify::verified(&desired.records, &served);
+                    let bad: Vec<String> = desired
+                        .records
+                        .iter()
+                        .zip(&v)
+                        .filter(|(_, ok)| !**ok)
+                        .map(|(r, _)| format!("{} {}", r.name, r.record_type()))
+                        .collect();
+                    let cond = if bad.is_empty() {
+                        (
+                            ConditionStatus::True,
+                            "Verified",
+                            format!(
+                                "{} record(s) served as desired by {servers:?}",
+                                desired.records.len()
+                            ),
+                        )
+                    } else {
+                        (
+                            ConditionStatus::False,
+                            "NotServed",
+                            format!(
+                                "{} of {} record(s) not served as desired by {servers:?}: {}",
+                                bad.len(),
+                                desired.records.len(),
+                                bad.join(", ")
+                            ),
+                        )
+                    };
+                    (v, cond)
+                }
+            },
+        };
+    let mut publish_condition = publish.condition;
+    let mut published = publish.published;
+    if d.spec.dns.provider == DnsProvider::Manual {
+        // A person published them: what the servers serve is what is published.
+        published = verified.clone();
+        publish_condition.0 = verify_condition.0;
+    }
+
+    // Status.
+    let mut conditions = d
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let t = Time(now);
+    let set = |conds: &mut Vec<_>, ty: &str, c: &Cond| {
+        set_condition(conds, ty, c.0, c.1, &c.2, generation, t.clone());
+    };
+    if !problems.is_empty() && publish_condition.0 == ConditionStatus::True {
+        publish_condition = (
+            ConditionStatus::False,
+            "InvalidRecords",
+            problems.join("; "),
+        );
+    }
+    set(&mut conditions, CONDITION_DKIM_READY, &dkim_condition);
+    set(&mut conditions, CONDITION_DNS_PUBLISHED, &publish_condition);
+    set(&mut conditions, CONDITION_DNS_VERIFIED, &verify_condition);
+    let all = [&dkim_condition, &publish_condition, &verify_condition];
+    let ready = all.iter().all(|c| c.0 == ConditionStatus::True) && problems.is_empty();
+    let ready_condition: Cond = if ready {
+        (
+            ConditionStatus::True,
+            "Ready",
+            format!("{} is ready to send", d.spec.domain),
+        )
+    } else {
+        let why: Vec<String> = [
+            (CONDITION_DKIM_READY, &dkim_condition),
+            (CONDITION_DNS_PUBLISHED, &publish_condition),
+            (CONDITION_DNS_VERIFIED, &verify_condition),
+        ]
+        .iter()
+        .filter(|(_, c)| c.0 != ConditionStatus::True)
+        .map(|(ty, c)| format!("{ty}: {}", c.2))
+        .chain(problems.iter().cloned())
+        .collect();
+        (ConditionStatus::False, "NotReady", why.join("; "))
+    };
+    set(&mut conditions, CONDITION_READY, &ready_condition);
+
+    let records: Vec<DnsRecordStatus> = desired
+        .records
+        .iter()
+        .zip(published.iter().zip(&verified))
+        .map(|(r, (p, v))| DnsRecordStatus {
+            name: r.name.clone(),
+            type_: r.record_type().to_string(),
+            value: r.value(),
+            published: *p,
+            verified: *v,
+        })
+        .collect();
+    let status = SendingDomainStatus {
+        observed_generation: generation,
+        conditions,
+        active_selector: keys.secret.active.as_ref().map(|a| a.selector.clone()),
+        next_selector: keys.secret.next.as_ref().map(|a| a.selector.clone()),
+        retiring_selectors: keys.retiring.clone(),
+        last_rotation: keys.last_rotation.clone(),
+        records,
+    };
+    let doc = json!({
+        "apiVersion": "mailfleet.dev/v1alpha1",
+        "kind": "SendingDomain",
+        "status": status,
+    });
+    let api: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&doc),
+    )
+    .await?;
+
+    let dns_ok =
+        publish_condition.0 == ConditionStatus::True && verify_condition.0 == ConditionStatus::True;
+    let manual = d.spec.dns.provider != DnsProvider::Rfc2136;
+    let mut after = match ctx.backoff(&key_of(d), !dns_ok && !manual) {
+        Some(b) => {
+            tracing::info!(domain = %key_of(d), retry_in = ?b,
+                published = %publish_condition.2, verified = %verify_condition.2, "DNS not in order yet");
+            b
+        }
+        None => RESYNC,
+    };
+    if let Some(step) = keys.next_step {
+        let wait = now.duration_until(step);
+        let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
+        after = after.min(wait.max(Duration::from_millis(200)));
+    }
+    Ok(Action::requeue(after))
+}
+
+fn error_policy(d: Arc<SendingDomain>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    ctx.metrics.count(
+        "reconcile_errors_total",
+        &[("controller", CONTROLLER), ("category", error.category())],
+    );
+    tracing::warn!(domain = %key_of(&d), error = %error, "reconcile failed; retrying");
+    Action::requeue(
+        ctx.backoff(&key_of(&d), true)
+            .unwrap_or(Duration::from_secs(5)),
+    )
+}
+
+/// Runs the controller in one namespace (or all, with `None`) until `shutdown` fires. It
+/// watches RelayPools too, so that a pool's new addresses reach SPF.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    fn api<K>(client: &kube::Client, ns: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let client = &ctx.client;
+    let ns = namespace.as_deref();
+    let controller = Controller::new(api::<SendingDomain>(client, ns), watcher::Config::default());
+    let store = controller.store();
+    controller
+        .owns(
+            api::<Secret>(client, ns),
+            watcher::Config::default().labels(DOMAIN_LABEL),
+        )
+        .watches(
+            api::<RelayPool>(client, ns),
+            watcher::Config::default(),
+            move |pool| {
+                let pool_ns = pool.namespace();
+                let name = pool.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|d| d.namespace() == pool_ns && d.spec.relay_pool_ref.name == name)
+                    .map(|d| ObjectRef::from_obj(&*d))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {})
+        .await;
+}
