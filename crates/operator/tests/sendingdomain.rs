@@ -1,0 +1,682 @@
+//! The SendingDomain controller against devcluster and a real Knot DNS server (RFC 2136 with
+//! TSIG): records published and verified, the DKIM Secret in the format the relays read, a
+//! wrong TSIG key explained in conditions, records removed with the domain (and records we did
+//! not create left alone), and DKIM rotation driven by an injected clock.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use mailfleet_api::relaypool::RelayPool;
+use mailfleet_api::sendingdomain::SendingDomain;
+use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+use mailfleet_operator::children::Settings;
+use mailfleet_operator::{OperatorConfig, run};
+use serde_json::json;
+use tokio::sync::watch;
+
+const TSIG_SECRET: &str = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTEyMzQ=";
+const NS: &str = "mail";
+
+fn free_port() -> u16 {
+    // Knot binds UDP and TCP: find a port free for both.
+    loop {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = t.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+fn require(bin: &str) -> PathBuf {
+    let dirs = std::env::var("PATH").unwrap_or_default();
+    for d in dirs.split(':').chain(["/usr/sbin", "/sbin"]) {
+        let p = Path::new(d).join(bin);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("this test needs `{bin}` (apt-get install -y knot bind9-dnsutils)");
+}
+
+struct Knot {
+    port: u16,
+    pid: u32,
+}
+
+impl Drop for Knot {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.pid.to_string()).status();
+    }
+}
+
+impl Knot {
+    fn start(dir: &Path, records: &[&str]) -> Knot {
+        require("knotd");
+        let script = std::env::var_os("MAILFLEET_SHARED_TOOLS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools"))
+            .join("knot-up.sh");
+        assert!(
+            script.is_file(),
+            "knot-up.sh not found at {}",
+            script.display()
+        );
+        let port = free_port();
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(dir.join("knot"))
+            .arg(port.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "knot-up.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let knot = Knot { port, pid };
+        if !records.is_empty() {
+            let mut cmds = format!("server 127.0.0.1 {port}\nzone example.test\n");
+            for r in records {
+                cmds.push_str(&format!("update add {r}\n"));
+            }
+            cmds.push_str("send\n");
+            let mut child = Command::new(require("nsupdate"))
+                .args(["-y", &format!("hmac-sha256:update-key:{TSIG_SECRET}")])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(cmds.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "nsupdate: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        knot
+    }
+
+    /// The record values at `name` (TXT strings joined), as Knot serves them.
+    fn query(&self, name: &str, rtype: &str) -> Vec<String> {
+        let out = Command::new(require("dig"))
+            .args([
+                "@127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "+short",
+                "+norecurse",
+                name,
+                rtype,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                if rtype == "TXT" {
+                    // "a" "b" -> ab
+                    l.split('"')
+                        .enumerate()
+                        .filter(|(i, _)| i % 2 == 1)
+                        .map(|(_, s)| s)
+                        .collect::<String>()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect()
+    }
+}
+
+struct Env {
+    _dc: DevCluster,
+    client: Client,
+    dir: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(dir.path().join("cluster"));
+    config.runner = Some(RunnerConfig::default());
+    let dc = DevCluster::start(config).await.unwrap();
+    let kc = Kubeconfig::read_from(&dc.kubeconfig).unwrap();
+    let cc = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let client = Client::try_from(cc).unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, text) in mailfleet_api::crd_manifests().unwrap() {
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap();
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let nss: Api<Namespace> = Api::all(client.clone());
+    for ns in ["mailfleet-system", NS] {
+        let n: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+        nss.create(&PostParams::default(), &n).await.unwrap();
+    }
+    Env {
+        _dc: dc,
+        client,
+        dir,
+    }
+}
+
+struct Operator {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), mailfleet_operator::OperatorError>>,
+}
+
+fn start_operator(client: &Client) -> Operator {
+    let health = free_addr();
+    let coordinator = free_addr();
+    let config = OperatorConfig {
+        coordinator_addr: coordinator,
+        metrics_addr: health,
+        health_addr: health,
+        leader_election: false,
+        namespace: "mailfleet-system".into(),
+        identity: "op-0".into(),
+        watch_namespaces: Vec::new(),
+        settings: Settings {
+            relay_image: "example.invalid/mailfleet:test".into(),
+            coordinator_url: format!("https://{coordinator}"),
+        },
+    };
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(run(client.clone(), config, rx));
+    Operator { stop, task }
+}
+
+impl Operator {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+}
+
+async fn eventually<T>(secs: u64, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn apply<K>(api: &Api<K>, name: &str, doc: serde_json::Value)
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&doc),
+    )
+    .await
+    .unwrap();
+}
+
+async fn setup(
+    client: &Client,
+    knot: &Knot,
+    tsig: &str,
+    name: &str,
+    domain: &str,
+    extra: serde_json::Value,
+) {
+    let pools: Api<RelayPool> = Api::namespaced(client.clone(), NS);
+    apply(&pools, "pool", json!({
+        "apiVersion": "mailfleet.dev/v1alpha1", "kind": "RelayPool",
+        "metadata": {"name": "pool"},
+        "spec": {
+            "replicas": 1,
+            "egress": {"cidrs": ["127.0.9.0/30"], "heloNameTemplate": "mta-{ip}.relay.example.test"},
+            "listener": {"allowedNetworks": ["127.0.0.0/8"]},
+        },
+    })).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    apply(
+        &secrets,
+        &format!("{name}-tsig"),
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": format!("{name}-tsig")},
+            "stringData": {"secret": tsig},
+        }),
+    )
+    .await;
+    let mut spec = json!({
+        "domain": domain,
+        "relayPoolRef": {"name": "pool"},
+        "dkim": {"algorithm": "dual"},
+        "dmarc": {"policy": "quarantine", "rua": ["mailto:dmarc@example.test"]},
+        "spf": {"returnPathMx": [{"preference": 10, "host": "mx.example.test"}]},
+        "dns": {
+            "provider": "rfc2136",
+            "ttl": 30,
+            "rfc2136": {
+                "server": format!("127.0.0.1:{}", knot.port),
+                "zone": "example.test",
+                "tsigKeyName": "update-key",
+                "tsigSecretRef": {"name": format!("{name}-tsig")},
+            },
+        },
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    let domains: Api<SendingDomain> = Api::namespaced(client.clone(), NS);
+    apply(
+        &domains,
+        name,
+        json!({
+            "apiVersion": "mailfleet.dev/v1alpha1", "kind": "SendingDomain",
+            "metadata": {"name": name}, "spec": spec,
+        }),
+    )
+    .await;
+}
+
+fn condition(d: &SendingDomain, ty: &str) -> Option<(String, String, String)> {
+    d.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ty)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_published_verified_and_removed_with_the_domain() {
+    let env = env().await;
+    let knot = Knot::start(
+        env.dir.path(),
+        &[
+            r#"mail.example.test. 60 TXT "google-site-verification=keep-me""#,
+            r#"other.example.test. 60 TXT "v=spf1 -all""#,
+        ],
+    );
+    let op = start_operator(&env.client);
+    setup(
+        &env.client,
+        &knot,
+        TSIG_SECRET,
+        "example",
+        "mail.example.test",
+        json!({}),
+    )
+    .await;
+    let domains: Api<SendingDomain> = Api::namespaced(env.client.clone(), NS);
+
+    let d = eventually(60, "DNSVerified=True", async || {
+        let d = domains.get("example").await.ok()?;
+        (condition(&d, "DNSVerified")?.0 == "True").then_some(d)
+    })
+    .await;
+    let status = d.status.clone().unwrap();
+    for c in ["DKIMReady", "DNSPublished", "Ready"] {
+        assert_eq!(
+            condition(&d, c).unwrap().0,
+            "True",
+            "{c}: {:?}",
+            condition(&d, c)
+        );
+    }
+    let selector = status.active_selector.clone().unwrap();
+    assert!(selector.starts_with("mf-"), "{selector}");
+    assert_eq!(status.observed_generation, d.metadata.generation);
+    let names: Vec<(String, String)> = status
+        .records
+        .iter()
+        .map(|r| (r.name.clone(), r.type_.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (
+                format!("{selector}._domainkey.mail.example.test"),
+                "TXT".into()
+            ),
+            (
+                format!("{selector}-ed._domainkey.mail.example.test"),
+                "TXT".into()
+            ),
+            ("mail.example.test".into(), "TXT".into()),
+            ("bounces.mail.example.test".into(), "TXT".into()),
+            ("bounces.mail.example.test".into(), "MX".into()),
+            ("_dmarc.mail.example.test".into(), "TXT".into()),
+        ]
+    );
+    assert!(
+        status.records.iter().all(|r| r.published && r.verified),
+        "{:?}",
+        status.records
+    );
+
+    // What Knot serves.
+    // The /30 gives its two host addresses.
+    let spf = "v=spf1 ip4:127.0.9.1 ip4:127.0.9.2 -all";
+    let apex = knot.query("mail.example.test", "TXT");
+    assert!(apex.contains(&spf.to_string()), "{apex:?}");
+    assert!(apex.contains(&"google-site-verification=keep-me".to_string()));
+    assert_eq!(
+        knot.query("bounces.mail.example.test", "TXT"),
+        vec![spf.to_string()]
+    );
+    assert_eq!(
+        knot.query("bounces.mail.example.test", "MX"),
+        vec!["10 mx.example.test.".to_string()]
+    );
+    assert_eq!(
+        knot.query("_dmarc.mail.example.test", "TXT"),
+        vec!["v=DMARC1; p=quarantine; rua=mailto:dmarc@example.test".to_string()]
+    );
+    let rsa = knot.query(&format!("{selector}._domainkey.mail.example.test"), "TXT");
+    assert!(rsa[0].starts_with("v=DKIM1; k=rsa; p=MIIBIjAN"), "{rsa:?}");
+    let ed = knot.query(
+        &format!("{selector}-ed._domainkey.mail.example.test"),
+        "TXT",
+    );
+    assert!(ed[0].starts_with("v=DKIM1; k=ed25519; p="), "{ed:?}");
+    assert_eq!(
+        knot.query("_mailfleet-owner.mail.example.test", "TXT")
+            .len(),
+        6
+    );
+
+    // The key Secret, in the format the RelayPool controller reads.
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
+    let s = secrets.get("example-dkim").await.unwrap();
+    let data = s.data.unwrap();
+    assert_eq!(String::from_utf8_lossy(&data["selector"].0), selector);
+    for k in ["rsa.pem", "ed25519.pem"] {
+        assert!(
+            String::from_utf8_lossy(&data[k].0).starts_with("-----BEGIN PRIVATE KEY-----"),
+            "{k}"
+        );
+    }
+
+    // A new pool address reaches SPF.
+    let pools: Api<RelayPool> = Api::namespaced(env.client.clone(), NS);
+    pools
+        .patch(
+            "pool",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "mailfleet.dev/v1alpha1", "kind": "RelayPool",
+                "metadata": {"name": "pool"},
+                "spec": {
+                    "replicas": 1,
+                    "egress": {"cidrs": ["127.0.9.0/30"], "addresses": [{"address": "127.0.9.9"}],
+                               "heloNameTemplate": "mta-{ip}.relay.example.test"},
+                    "listener": {"allowedNetworks": ["127.0.0.0/8"]},
+                },
+            })),
+        )
+        .await
+        .unwrap();
+    eventually(60, "SPF with the new address", async || {
+        knot.query("mail.example.test", "TXT")
+            .iter()
+            .any(|v| v.contains("ip4:127.0.9.9"))
+            .then_some(())
+    })
+    .await;
+    // The old SPF value is gone (it was ours), the foreign TXT stays.
+    let apex = knot.query("mail.example.test", "TXT");
+    assert_eq!(
+        apex.iter().filter(|v| v.starts_with("v=spf1")).count(),
+        1,
+        "{apex:?}"
+    );
+
+    // Deleting the domain removes its records and keys, nothing else.
+    domains
+        .delete("example", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(60, "the domain to be gone", async || {
+        domains
+            .get_opt("example")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        knot.query("mail.example.test", "TXT"),
+        vec!["google-site-verification=keep-me".to_string()]
+    );
+    for (name, t) in [
+        (format!("{selector}._domainkey.mail.example.test"), "TXT"),
+        ("bounces.mail.example.test".to_string(), "TXT"),
+        ("bounces.mail.example.test".to_string(), "MX"),
+        ("_dmarc.mail.example.test".to_string(), "TXT"),
+        ("_mailfleet-owner.mail.example.test".to_string(), "TXT"),
+    ] {
+        assert!(knot.query(&name, t).is_empty(), "{name} {t} still served");
+    }
+    assert_eq!(
+        knot.query("other.example.test", "TXT"),
+        vec!["v=spf1 -all".to_string()]
+    );
+    assert!(secrets.get_opt("example-dkim").await.unwrap().is_none());
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_tsig_key_is_explained_and_the_operator_keeps_running() {
+    let env = env().await;
+    let knot = Knot::start(env.dir.path(), &[]);
+    let op = start_operator(&env.client);
+    // A valid base64 secret that is not the server's.
+    setup(
+        &env.client,
+        &knot,
+        "d3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmctd3JvbmctMTI=",
+        "bad",
+        "bad.example.test",
+        json!({}),
+    )
+    .await;
+    let domains: Api<SendingDomain> = Api::namespaced(env.client.clone(), NS);
+    let (status, reason, message) = eventually(60, "DNSPublished=False", async || {
+        let d = domains.get("bad").await.ok()?;
+        condition(&d, "DNSPublished").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(status, "False");
+    assert_eq!(reason, "TSIGRejected");
+    assert!(message.contains("TSIG"), "{message}");
+    assert!(message.contains("update-key"), "{message}");
+    let d = domains.get("bad").await.unwrap();
+    assert_eq!(condition(&d, "DNSVerified").unwrap().0, "False");
+    assert_eq!(condition(&d, "Ready").unwrap().0, "False");
+    assert!(d.status.unwrap().records.iter().all(|r| !r.published));
+    assert!(knot.query("bad.example.test", "TXT").is_empty());
+    assert!(!op.task.is_finished(), "the operator stopped");
+
+    // The right secret: the next retry publishes.
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
+    apply(
+        &secrets,
+        "bad-tsig",
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "bad-tsig"},
+            "stringData": {"secret": TSIG_SECRET},
+        }),
+    )
+    .await;
+    eventually(90, "DNSVerified=True after the fix", async || {
+        let d = domains.get("bad").await.ok()?;
+        (condition(&d, "DNSVerified")?.0 == "True").then_some(())
+    })
+    .await;
+    assert!(!knot.query("bad.example.test", "TXT").is_empty());
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dkim_rotation_follows_the_injected_clock() {
+    let env = env().await;
+    let knot = Knot::start(env.dir.path(), &[]);
+    let start: Timestamp = "2026-01-01T12:00:00Z".parse().unwrap();
+    let offset = Arc::new(AtomicI64::new(0));
+    let clock = {
+        let offset = Arc::clone(&offset);
+        Arc::new(move || {
+            start
+                .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
+                    offset.load(Ordering::SeqCst),
+                ))
+                .unwrap()
+        })
+    };
+    let ctx = Arc::new(
+        mailfleet_operator::sendingdomain::Context::new(env.client.clone(), Arc::default())
+            .with_clock(clock),
+    );
+    let (stop, rx) = watch::channel(false);
+    let controller = tokio::spawn(mailfleet_operator::sendingdomain::run(
+        ctx,
+        Some(NS.into()),
+        async move {
+            let mut rx = rx;
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    ));
+    setup(
+        &env.client,
+        &knot,
+        TSIG_SECRET,
+        "rot",
+        "rot.example.test",
+        json!({"dkim": {"algorithm": "rsa2048", "rotationPeriod": "1d"}}),
+    )
+    .await;
+    let domains: Api<SendingDomain> = Api::namespaced(env.client.clone(), NS);
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
+    let selector_in_secret = async || {
+        let s = secrets.get("rot-dkim").await.unwrap();
+        String::from_utf8_lossy(&s.data.unwrap()["selector"].0).into_owned()
+    };
+    eventually(60, "first selector verified", async || {
+        let d = domains.get("rot").await.ok()?;
+        (condition(&d, "DNSVerified")?.0 == "True").then_some(())
+    })
+    .await;
+    assert_eq!(selector_in_secret().await, "mf-20260101");
+    assert!(
+        !knot
+            .query("mf-20260101._domainkey.rot.example.test", "TXT")
+            .is_empty()
+    );
+
+    // Time passes in steps; each step pokes the controller (an annotation is an event).
+    let mut poke = 0;
+    let mut step = async |secs: i64| {
+        offset.fetch_add(secs, Ordering::SeqCst);
+        poke += 1;
+        domains
+            .patch(
+                "rot",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {"test/poke": poke.to_string()}}}),
+                ),
+            )
+            .await
+            .unwrap();
+    };
+    // A day later the next selector is published, but not yet used for signing.
+    step(86_400).await;
+    let d = eventually(60, "the next selector", async || {
+        let d = domains.get("rot").await.ok()?;
+        d.status.as_ref()?.next_selector.is_some().then_some(d)
+    })
+    .await;
+    assert_eq!(
+        d.status.unwrap().next_selector.as_deref(),
+        Some("mf-20260102")
+    );
+    assert_eq!(selector_in_secret().await, "mf-20260101");
+    eventually(60, "the next selector in DNS", async || {
+        (!knot
+            .query("mf-20260102._domainkey.rot.example.test", "TXT")
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    // Verified plus one TTL (30 s): the fleet switches in one step, the old selector retires.
+    let d = eventually(60, "the switch", async || {
+        step(20).await;
+        let d = domains.get("rot").await.ok()?;
+        (d.status.as_ref()?.active_selector.as_deref() == Some("mf-20260102")).then_some(d)
+    })
+    .await;
+    let status = d.status.unwrap();
+    assert_eq!(status.next_selector, None);
+    assert_eq!(status.retiring_selectors.len(), 1);
+    assert_eq!(status.retiring_selectors[0].selector, "mf-20260101");
+    assert_eq!(selector_in_secret().await, "mf-20260102");
+    // The old selector stays published for the pool's longest queue time.
+    assert!(
+        !knot
+            .query("mf-20260101._domainkey.rot.example.test", "TXT")
+            .is_empty()
+    );
+    step(6 * 86_400).await;
+    eventually(60, "the old selector removed", async || {
+        knot.query("mf-20260101._domainkey.rot.example.test", "TXT")
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let d = domains.get("rot").await.unwrap();
+    assert!(d.status.unwrap().retiring_selectors.is_empty());
+    assert!(
+        !knot
+            .query("mf-20260102._domainkey.rot.example.test", "TXT")
+            .is_empty()
+    );
+    let s = secrets.get("rot-dkim").await.unwrap();
+    assert!(s.data.unwrap().keys().all(|k| !k.starts_with("retiring.")));
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
+}
