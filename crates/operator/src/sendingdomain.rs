@@ -18,7 +18,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -626,16 +626,41 @@ async fn cleanup(d: &SendingDomain, ctx: &Context) -> Result<Action, ReconcileEr
         provider.apply(&p).await.map_err(err)?;
         tracing::info!(domain = %key_of(d), removed = p.delete.len(), "removed the domain's DNS records");
     }
-    if d.spec.dkim.key_secret_ref.is_none() {
-        let secrets: Api<Secret> =
-            Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
-        match secrets
-            .delete(&key_secret_name(d), &DeleteParams::default())
+    if d.spec.dns.provider == DnsProvider::ExternalDns {
+        // external-dns removes the records when their DNSEndpoint goes.
+        let endpoints: Api<DynamicObject> = Api::namespaced_with(
+            ctx.client.clone(),
+            &d.namespace().unwrap_or_default(),
+            &dns::externaldns::resource(),
+        );
+        match endpoints
+            .delete(
+                &dns::externaldns::endpoint_name(&d.name_any()),
+                &DeleteParams::default(),
+            )
             .await
         {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
+        }
+    }
+    // Generated keys go with the domain; a Secret someone else made (referenced, or created
+    // under the default name before mailfleet generated anything) stays.
+    if d.spec.dkim.key_secret_ref.is_none() {
+        let secrets: Api<Secret> =
+            Api::namespaced(ctx.client.clone(), &d.namespace().unwrap_or_default());
+        let name = key_secret_name(d);
+        let ours = secrets
+            .get_opt(&name)
+            .await?
+            .is_some_and(|s| s.labels().get(DOMAIN_LABEL) == Some(&d.name_any()));
+        if ours {
+            match secrets.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     ctx.backoff(&key_of(d), false);
@@ -697,15 +722,49 @@ async fn apply_domain(d: &SendingDomain, ctx: &Context) -> Result<Action, Reconc
                 "records are listed in status.records for a person to publish".to_string(),
             ),
         },
-        DnsProvider::ExternalDns => Published {
-            published: vec![false; desired.records.len()],
-            condition: (
-                ConditionStatus::False,
-                "NotImplemented",
-                "the externalDNS provider is not implemented yet; records are listed in status.records"
-                    .to_string(),
-            ),
-        },
+        DnsProvider::ExternalDns => {
+            let doc = dns::externaldns::endpoint(
+                &name,
+                &ns,
+                d.controller_owner_ref(&())
+                    .and_then(|o| serde_json::to_value(o).ok()),
+                d.spec.dns.ttl,
+                &desired.records,
+            );
+            let endpoints: Api<DynamicObject> =
+                Api::namespaced_with(ctx.client.clone(), &ns, &dns::externaldns::resource());
+            match endpoints
+                .patch(
+                    &dns::externaldns::endpoint_name(&name),
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&doc),
+                )
+                .await
+            {
+                Ok(_) => Published {
+                    published: vec![true; desired.records.len()],
+                    condition: (
+                        ConditionStatus::True,
+                        "EndpointWritten",
+                        format!(
+                            "DNSEndpoint {name} holds {} record(s) for external-dns",
+                            desired.records.len()
+                        ),
+                    ),
+                },
+                Err(kube::Error::Api(e)) if e.code == 404 => Published {
+                    published: vec![false; desired.records.len()],
+                    condition: (
+                        ConditionStatus::False,
+                        "DNSEndpointCRDMissing",
+                        "the DNSEndpoint kind (externaldns.k8s.io/v1alpha1) is not installed: \
+                         install external-dns with its CRD source"
+                            .to_string(),
+                    ),
+                },
+                Err(e) => return Err(e.into()),
+            }
+        }
     };
 
     // Verify.
@@ -850,7 +909,8 @@ async fn apply_domain(d: &SendingDomain, ctx: &Context) -> Result<Action, Reconc
 
     let dns_ok =
         publish_condition.0 == ConditionStatus::True && verify_condition.0 == ConditionStatus::True;
-    let manual = d.spec.dns.provider != DnsProvider::Rfc2136;
+    // A person publishes manual records: look again at the resync, not in a hurry.
+    let manual = d.spec.dns.provider == DnsProvider::Manual;
     let mut after = match ctx.backoff(&key_of(d), !dns_ok && !manual) {
         Some(b) => {
             tracing::info!(domain = %key_of(d), retry_in = ?b,

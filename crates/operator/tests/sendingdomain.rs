@@ -680,3 +680,135 @@ async fn dkim_rotation_follows_the_injected_clock() {
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_dns_gets_a_dnsendpoint_and_verification_follows_the_zone() {
+    let env = env().await;
+    let knot = Knot::start(env.dir.path(), &[]);
+    let crds: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "dnsendpoints.externaldns.k8s.io"},
+        "spec": {
+            "group": "externaldns.k8s.io", "scope": "Namespaced",
+            "names": {"kind": "DNSEndpoint", "plural": "dnsendpoints", "singular": "dnsendpoint", "listKind": "DNSEndpointList"},
+            "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}],
+        },
+    }))
+    .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let op = start_operator(&env.client);
+    setup(
+        &env.client,
+        &knot,
+        TSIG_SECRET,
+        "ext",
+        "ext.example.test",
+        json!({"dns": {"provider": "externalDNS", "ttl": 30,
+                       "verifyNameservers": [format!("127.0.0.1:{}", knot.port)]}}),
+    )
+    .await;
+    let domains: Api<SendingDomain> = Api::namespaced(env.client.clone(), NS);
+    let endpoints: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        NS,
+        &mailfleet_operator::dns::externaldns::resource(),
+    );
+    let ep = eventually(60, "the DNSEndpoint", async || {
+        endpoints.get_opt("ext").await.unwrap()
+    })
+    .await;
+    let list = ep.data["spec"]["endpoints"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 6, "{list:?}");
+    assert!(list.iter().any(|e| e["dnsName"] == "ext.example.test"
+        && e["targets"][0] == "v=spf1 ip4:127.0.9.1 ip4:127.0.9.2 -all"));
+    let d = eventually(60, "DNSVerified=False: nothing published yet", async || {
+        let d = domains.get("ext").await.ok()?;
+        (condition(&d, "DNSVerified")?.1 == "NotServed").then_some(d)
+    })
+    .await;
+    assert_eq!(condition(&d, "DNSPublished").unwrap().0, "True");
+
+    // Play external-dns: publish the endpoint's records in the zone.
+    let mut cmds = format!("server 127.0.0.1 {}\nzone example.test\n", knot.port);
+    for e in &list {
+        for t in e["targets"].as_array().unwrap() {
+            let t = t.as_str().unwrap();
+            let data = if e["recordType"] == "TXT" {
+                mailfleet_operator::dns::split_txt(t)
+                    .iter()
+                    .map(|s| format!("\"{s}\""))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            } else {
+                format!("{t}.")
+            };
+            cmds.push_str(&format!(
+                "update add {}. 30 {} {data}\n",
+                e["dnsName"].as_str().unwrap(),
+                e["recordType"].as_str().unwrap()
+            ));
+        }
+    }
+    cmds.push_str("send\n");
+    let mut child = Command::new(require("nsupdate"))
+        .args(["-y", &format!("hmac-sha256:update-key:{TSIG_SECRET}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(cmds.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nsupdate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    domains
+        .patch(
+            "ext",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/poke": "1"}}})),
+        )
+        .await
+        .unwrap();
+    let d = eventually(60, "DNSVerified=True", async || {
+        let d = domains.get("ext").await.ok()?;
+        (condition(&d, "DNSVerified")?.0 == "True").then_some(d)
+    })
+    .await;
+    assert!(
+        d.status
+            .unwrap()
+            .records
+            .iter()
+            .all(|r| r.published && r.verified)
+    );
+
+    domains
+        .delete("ext", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(60, "the DNSEndpoint removed", async || {
+        endpoints
+            .get_opt("ext")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    op.stop().await;
+}

@@ -4,10 +4,12 @@
 //! [`desired`] turns the spec, the pool's egress addresses and the DKIM public keys into the
 //! records the domain needs (pure); [`plan`] compares them with what the provider holds and
 //! decides the changes, touching only records mailfleet created (pure, with an ownership
-//! registry); a provider ([`rfc2136`], or none for `manual`) applies the plan; [`verify`] asks
+//! registry); a provider ([`rfc2136`]; [`externaldns`], whose DNSEndpoint external-dns
+//! publishes with its own ownership; none for `manual`) applies it; [`verify`] asks
 //! the authoritative servers what they serve.
 
 pub mod desired;
+pub mod externaldns;
 pub mod plan;
 pub mod rfc2136;
 pub mod verify;
