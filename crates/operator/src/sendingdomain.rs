@@ -939,6 +939,16 @@ fn error_policy(d: Arc<SendingDomain>, error: &ReconcileError, ctx: Arc<Context>
     )
 }
 
+/// Whether the domain uses the Secret `name` (keys or TSIG).
+fn references(d: &SendingDomain, name: &str) -> bool {
+    key_secret_name(d) == name
+        || d.spec
+            .dns
+            .rfc2136
+            .as_ref()
+            .is_some_and(|r| r.tsig_secret_ref.name == name)
+}
+
 /// Runs the controller in one namespace (or all, with `None`) until `shutdown` fires. It
 /// watches RelayPools too, so that a pool's new addresses reach SPF.
 pub async fn run(
@@ -960,10 +970,23 @@ pub async fn run(
     let ns = namespace.as_deref();
     let controller = Controller::new(api::<SendingDomain>(client, ns), watcher::Config::default());
     let store = controller.store();
+    let by_secret = store.clone();
     controller
-        .owns(
+        // Key Secrets we generate, and Secrets a domain references (a fixed TSIG secret or
+        // new keys take effect at once, not at the next retry).
+        .watches(
             api::<Secret>(client, ns),
-            watcher::Config::default().labels(DOMAIN_LABEL),
+            watcher::Config::default(),
+            move |secret| {
+                let secret_ns = secret.namespace();
+                let name = secret.name_any();
+                by_secret
+                    .state()
+                    .into_iter()
+                    .filter(|d| d.namespace() == secret_ns && references(d, &name))
+                    .map(|d| ObjectRef::from_obj(&*d))
+                    .collect::<Vec<_>>()
+            },
         )
         .watches(
             api::<RelayPool>(client, ns),

@@ -531,7 +531,7 @@ async fn a_wrong_tsig_key_is_explained_and_the_operator_keeps_running() {
     assert!(knot.query("bad.example.test", "TXT").is_empty());
     assert!(!op.task.is_finished(), "the operator stopped");
 
-    // The right secret: the next retry publishes.
+    // The right secret: watched, so it takes effect at once, not at the next backoff retry.
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
     apply(
         &secrets,
@@ -543,7 +543,7 @@ async fn a_wrong_tsig_key_is_explained_and_the_operator_keeps_running() {
         }),
     )
     .await;
-    eventually(90, "DNSVerified=True after the fix", async || {
+    eventually(20, "DNSVerified=True soon after the fix", async || {
         let d = domains.get("bad").await.ok()?;
         (condition(&d, "DNSVerified")?.0 == "True").then_some(())
     })
