@@ -48,6 +48,7 @@ pub const NEXT_VERIFIED_AT: &str = "mailfleet.dev/next-verified-at";
 const CONTROLLER: &str = "sendingdomain";
 /// Retirement delay of an old selector when the pool does not say (its max queue lifetime).
 const DEFAULT_RETENTION: Duration = Duration::from_secs(5 * 86_400);
+const MIN_BACKOFF: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const RESYNC: Duration = Duration::from_secs(600);
 
@@ -89,8 +90,8 @@ pub struct Context {
     pub client: kube::Client,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
-    /// Consecutive DNS failures per domain (`namespace/name`), for backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    /// Since when each failing domain (`namespace/name`) fails, for backoff.
+    failures: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -109,16 +110,16 @@ impl Context {
         self
     }
 
+    /// The delay before the next try: as long as the domain has been failing (2 s at least,
+    /// 5 min at most), so retries double over time however many events also wake it.
     fn backoff(&self, key: &str, failed: bool) -> Option<Duration> {
         let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         if !failed {
             map.remove(key);
             return None;
         }
-        let n = map.entry(key.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        let secs = 1u64 << (*n).min(9);
-        Some(Duration::from_secs(secs).min(MAX_BACKOFF))
+        let since = *map.entry(key.to_string()).or_insert_with(Instant::now);
+        Some(since.elapsed().clamp(MIN_BACKOFF, MAX_BACKOFF))
     }
 }
 
@@ -259,6 +260,7 @@ async fn ensure_keys(
         .and_then(|p| parse_duration(p).ok())
     {
         let since = last_rotation.as_ref().map(|t| t.0).unwrap_or(now);
+        last_rotation = Some(Time(since));
         let due = add(since, period);
         if keys.next.is_none() {
             if now >= due {
@@ -667,9 +669,16 @@ async fn cleanup(d: &SendingDomain, ctx: &Context) -> Result<Action, ReconcileEr
     Ok(Action::await_change())
 }
 
-async fn apply_domain(d: &SendingDomain, ctx: &Context) -> Result<Action, ReconcileError> {
-    let ns = d.namespace().unwrap_or_default();
-    let name = d.name_any();
+async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, ReconcileError> {
+    let ns = cached.namespace().unwrap_or_default();
+    let name = cached.name_any();
+    // Rotation decides from status (last rotation, what was verified): read it fresh, since
+    // the watch cache may not have our last status write yet.
+    let domains: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(fresh) = domains.get_opt(&name).await? else {
+        return Ok(Action::await_change());
+    };
+    let d = &fresh;
     let now = (ctx.clock)();
     let generation = d.metadata.generation;
 

@@ -39,6 +39,18 @@ fn free_port() -> u16 {
     }
 }
 
+/// A free port outside the ephemeral range: connecting to a closed ephemeral port on loopback
+/// can connect a socket to itself and so take the port the server is about to bind.
+fn free_low_port() -> u16 {
+    let start = 20_000 + (std::process::id() % 5_000) as u16;
+    (start..32_000)
+        .find(|p| {
+            std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", *p)).is_ok()
+        })
+        .unwrap()
+}
+
 fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
@@ -67,6 +79,10 @@ impl Drop for Knot {
 
 impl Knot {
     fn start(dir: &Path, records: &[&str]) -> Knot {
+        Knot::start_on(dir, free_port(), records)
+    }
+
+    fn start_on(dir: &Path, port: u16, records: &[&str]) -> Knot {
         require("knotd");
         let script = std::env::var_os("MAILFLEET_SHARED_TOOLS")
             .map(PathBuf::from)
@@ -77,7 +93,6 @@ impl Knot {
             "knot-up.sh not found at {}",
             script.display()
         );
-        let port = free_port();
         let out = Command::new("bash")
             .arg(&script)
             .arg(dir.join("knot"))
@@ -252,7 +267,7 @@ where
 
 async fn setup(
     client: &Client,
-    knot: &Knot,
+    knot_port: u16,
     tsig: &str,
     name: &str,
     domain: &str,
@@ -289,7 +304,7 @@ async fn setup(
             "provider": "rfc2136",
             "ttl": 30,
             "rfc2136": {
-                "server": format!("127.0.0.1:{}", knot.port),
+                "server": format!("127.0.0.1:{knot_port}"),
                 "zone": "example.test",
                 "tsigKeyName": "update-key",
                 "tsigSecretRef": {"name": format!("{name}-tsig")},
@@ -333,7 +348,7 @@ async fn records_are_published_verified_and_removed_with_the_domain() {
     let op = start_operator(&env.client);
     setup(
         &env.client,
-        &knot,
+        knot.port,
         TSIG_SECRET,
         "example",
         "mail.example.test",
@@ -507,7 +522,7 @@ async fn a_wrong_tsig_key_is_explained_and_the_operator_keeps_running() {
     // A valid base64 secret that is not the server's.
     setup(
         &env.client,
-        &knot,
+        knot.port,
         "d3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmctd3JvbmctMTI=",
         "bad",
         "bad.example.test",
@@ -583,7 +598,7 @@ async fn dkim_rotation_follows_the_injected_clock() {
     ));
     setup(
         &env.client,
-        &knot,
+        knot.port,
         TSIG_SECRET,
         "rot",
         "rot.example.test",
@@ -703,7 +718,7 @@ async fn external_dns_gets_a_dnsendpoint_and_verification_follows_the_zone() {
     let op = start_operator(&env.client);
     setup(
         &env.client,
-        &knot,
+        knot.port,
         TSIG_SECRET,
         "ext",
         "ext.example.test",
@@ -810,5 +825,43 @@ async fn external_dns_gets_a_dnsendpoint_and_verification_follows_the_zone() {
             .then_some(())
     })
     .await;
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_down_is_explained_and_retried_until_it_is_back() {
+    let env = env().await;
+    let port = free_low_port();
+    let op = start_operator(&env.client);
+    setup(
+        &env.client,
+        port,
+        TSIG_SECRET,
+        "down",
+        "down.example.test",
+        json!({}),
+    )
+    .await;
+    let domains: Api<SendingDomain> = Api::namespaced(env.client.clone(), NS);
+    let (_, reason, message) = eventually(60, "DNSPublished=False", async || {
+        let d = domains.get("down").await.ok()?;
+        condition(&d, "DNSPublished").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "DNSUnreachable");
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    let d = domains.get("down").await.unwrap();
+    // Keys do not wait for DNS.
+    assert_eq!(condition(&d, "DKIMReady").unwrap().0, "True");
+    assert_eq!(condition(&d, "Ready").unwrap().0, "False");
+    // The server comes up: a retry publishes and verifies, with nobody touching the domain.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let knot = Knot::start_on(env.dir.path(), port, &[]);
+    eventually(60, "DNSVerified=True once DNS is back", async || {
+        let d = domains.get("down").await.ok()?;
+        (condition(&d, "DNSVerified")?.0 == "True").then_some(())
+    })
+    .await;
+    assert!(!knot.query("down.example.test", "TXT").is_empty());
     op.stop().await;
 }

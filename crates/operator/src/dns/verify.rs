@@ -54,8 +54,9 @@ pub async fn served(
         config.add_name_server(ns);
     }
     let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
-    builder.options_mut().timeout = Duration::from_secs(3);
-    builder.options_mut().attempts = 2;
+    // Authoritative servers answer at once; a dead one should not hold the reconcile long.
+    builder.options_mut().timeout = Duration::from_secs(2);
+    builder.options_mut().attempts = 1;
     builder.options_mut().ndots = 0;
     builder.options_mut().cache_size = 0;
     builder.options_mut().recursion_desired = false;
