@@ -1,9 +1,9 @@
 //! The `rfc2136` provider: dynamic updates (RFC 2136) signed with TSIG (RFC 8945), over TCP to
 //! the zone's primary, and plain queries to the same server to read what it holds.
 //!
-//! Messages and TSIG come from hickory-proto (already in the tree through hickory-resolver;
-//! its aws-lc-rs backend adds no second TLS or crypto stack). dns-update was considered: it
-//! brings its own client stack and cloud APIs we do not need. One update message carries a
+//! Messages and TSIG come from hickory-proto (already in Cargo.lock through hickory-resolver;
+//! its aws-lc-rs backend adds no crate and no second TLS or crypto stack). dns-update was not
+//! adopted: hickory-proto needed no new dependency at all. One update message carries a
 //! whole plan, so a server applies it all or nothing.
 
 use std::collections::BTreeSet;
