@@ -564,8 +564,8 @@ impl Snapshot {
                     st.active_selector.as_deref().unwrap_or("-"),
                 ),
                 _ => format!(
-                    "  domain {SENDING_DOMAIN}: no status yet (this operator has no SendingDomain \
-                     controller; the relays sign with the key in Secret {DKIM_SECRET})\n"
+                    "  domain {SENDING_DOMAIN}: no status yet (the SendingDomain controller has \
+                     not reconciled it; the relays sign with the key in Secret {DKIM_SECRET})\n"
                 ),
             },
             _ => String::new(),
