@@ -88,6 +88,20 @@ impl Metrics {
         entry.count += 1;
     }
 
+    /// Records one reconcile of `controller`: its result and how long it took.
+    pub fn reconciled(&self, controller: &str, ok: bool, elapsed: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.count(
+            "reconciles_total",
+            &[("controller", controller), ("result", result)],
+        );
+        self.observe(
+            "reconcile_duration_seconds",
+            &[("controller", controller)],
+            elapsed,
+        );
+    }
+
     /// A counter's value (tests and status pages).
     pub fn counter(&self, name: &str, pairs: &[(&str, &str)]) -> u64 {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());

@@ -586,16 +586,8 @@ async fn reconcile(d: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Action, R
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => ReconcileError::Finalizer(other.to_string()),
     });
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    ctx.metrics.count(
-        "reconciles_total",
-        &[("controller", CONTROLLER), ("result", outcome)],
-    );
-    ctx.metrics.observe(
-        "reconcile_duration_seconds",
-        &[("controller", CONTROLLER)],
-        started.elapsed(),
-    );
+    ctx.metrics
+        .reconciled(CONTROLLER, result.is_ok(), started.elapsed());
     result
 }
 
