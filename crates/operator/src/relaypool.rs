@@ -367,6 +367,7 @@ fn base_config(
             max_recipients: u32::try_from(l.max_recipients).unwrap_or(0),
             max_sessions: u32::try_from(l.max_sessions).unwrap_or(0),
             users: users.into_iter().collect(),
+            feedback_token_sha256: String::new(),
         }),
     }
 }

@@ -1030,6 +1030,7 @@ impl Shared {
             deltas,
             observed_unix: unix_now() as i64,
             applied_config_version: complete,
+            suppressions: Vec::new(),
         })?;
         prev.0 = current;
         prev.1 = complete;

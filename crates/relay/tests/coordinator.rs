@@ -398,6 +398,7 @@ fn snapshot(version: u64, domains: &[&str], knot: SocketAddr, sink_port: u16) ->
             max_recipients: 10,
             max_sessions: 20,
             users: Default::default(),
+            feedback_token_sha256: String::new(),
         }),
     }
 }

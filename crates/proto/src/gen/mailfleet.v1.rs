@@ -162,6 +162,10 @@ pub struct Listener {
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
+    /// SHA-256 (lowercase hex) of the bearer token the relay's feedback endpoint (ARF complaint
+    /// reports, POST /v1/feedback on the HTTP listener) accepts; empty disables the endpoint.
+    #[prost(string, tag = "6")]
+    pub feedback_token_sha256: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CounterDelta {
@@ -197,6 +201,21 @@ pub struct ReportRequest {
     /// The coordinator moves a draining address to another pod only after this confirmation.
     #[prost(uint64, tag = "6")]
     pub applied_config_version: u64,
+    /// Recipients to suppress for a sending domain (hard bounces, complaints), shared with every
+    /// relay of the fleet through SendingDomain.suppressed_recipients.
+    #[prost(message, repeated, tag = "7")]
+    pub suppressions: ::prost::alloc::vec::Vec<Suppression>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Suppression {
+    /// The sending domain the recipient is suppressed for.
+    #[prost(string, tag = "1")]
+    pub domain: ::prost::alloc::string::String,
+    /// The recipient address, as given in RCPT TO.
+    #[prost(string, tag = "2")]
+    pub recipient: ::prost::alloc::string::String,
+    #[prost(enumeration = "SuppressionReason", tag = "3")]
+    pub reason: i32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ReportAck {
@@ -314,6 +333,35 @@ impl Outcome {
             "OUTCOME_POLICY_BLOCK" => Some(Self::PolicyBlock),
             "OUTCOME_COMPLAINT" => Some(Self::Complaint),
             "OUTCOME_DEFERRED_BY_WARMUP" => Some(Self::DeferredByWarmup),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum SuppressionReason {
+    Unspecified = 0,
+    HardBounce = 1,
+    Complaint = 2,
+}
+impl SuppressionReason {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "SUPPRESSION_REASON_UNSPECIFIED",
+            Self::HardBounce => "SUPPRESSION_REASON_HARD_BOUNCE",
+            Self::Complaint => "SUPPRESSION_REASON_COMPLAINT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "SUPPRESSION_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "SUPPRESSION_REASON_HARD_BOUNCE" => Some(Self::HardBounce),
+            "SUPPRESSION_REASON_COMPLAINT" => Some(Self::Complaint),
             _ => None,
         }
     }
