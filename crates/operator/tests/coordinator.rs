@@ -199,6 +199,7 @@ fn report(pod: &str, seq: u64, address: &str, delivered: u64) -> ReportRequest {
         }],
         observed_unix: 0,
         applied_config_version: 0,
+        suppressions: Vec::new(),
     }
 }
 
