@@ -1296,6 +1296,7 @@ mod tests {
                 max_recipients: 3,
                 max_sessions: 0,
                 users: [("app".to_string(), "pw".to_string())].into(),
+                feedback_token_sha256: String::new(),
             }),
             domains: Vec::new(),
         };
