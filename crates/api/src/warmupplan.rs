@@ -72,6 +72,37 @@ pub struct WarmupPlanSpec {
     #[serde(default = "default_idle_reset_stage")]
     #[schemars(range(min = 1, max = 60))]
     pub idle_reset_stage: i32,
+
+    /// DNS blocklists (DNSBL zones) every address is checked against; a listed address is
+    /// quarantined (sends nothing) until it is delisted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocklists: Option<BlocklistSpec>,
+}
+
+/// DNSBL checking.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlocklistSpec {
+    /// DNSBL zones, e.g. `zen.spamhaus.org`: an address a.b.c.d is listed when
+    /// `d.c.b.a.<zone>` has an A record in 127.0.0.0/8.
+    #[schemars(length(min = 1, max = 20))]
+    pub zones: Vec<String>,
+
+    /// How often each address is checked.
+    #[serde(default = "default_blocklist_interval")]
+    #[schemars(length(max = 16), regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub interval: String,
+
+    /// DNS servers to ask (`host` or `host:port`); empty uses the operator's resolver
+    /// configuration. Most DNSBLs refuse queries from large public resolvers: point this at
+    /// your own recursive resolver.
+    #[serde(default)]
+    #[schemars(length(max = 4))]
+    pub nameservers: Vec<String>,
+}
+
+fn default_blocklist_interval() -> String {
+    "1h".to_owned()
 }
 
 fn default_window() -> String {
@@ -253,7 +284,10 @@ pub struct WarmupPlanStatus {
     /// One line for people, e.g. `stages 2-4 of 8; next advance in 6h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
-    /// Standard conditions: `Ready`.
+    /// When the blocklists were last checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_blocklist_check: Option<Time>,
+    /// Standard conditions: `Ready`, and `BlocklistsChecked` when blocklists are configured.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Per-address progress.
@@ -313,4 +347,39 @@ pub struct AddressWarmup {
     /// When the address last advanced a stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_advanced: Option<Time>,
+    /// Start of the current window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_start: Option<Time>,
+    /// The address's cumulative delivery counters (RelayPool status) at the start of the
+    /// current window: the window's figures are the difference, so an operator restart or a
+    /// resent report never counts twice.
+    #[serde(default)]
+    pub window_base: WindowCounters,
+    /// Complete windows in a row without a single attempt.
+    #[serde(default)]
+    pub idle_windows: i32,
+    /// Blocklist zones that list the address now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listed_on: Vec<String>,
+    /// The state to return to when the address is delisted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_before_quarantine: Option<WarmupState>,
+}
+
+/// Cumulative delivery counters of an address.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowCounters {
+    #[serde(default)]
+    pub delivered: i64,
+    #[serde(default)]
+    pub deferred: i64,
+    #[serde(default)]
+    pub hard_bounces: i64,
+    #[serde(default)]
+    pub policy_blocks: i64,
+    #[serde(default)]
+    pub complaints: i64,
+    #[serde(default)]
+    pub deferred_by_warmup: i64,
 }

@@ -100,6 +100,27 @@ pub fn identity_secret(pool: &RelayPool, ca_pem: &str, cert_pem: &str, key_pem: 
     })
 }
 
+/// Name of the Secret with the bearer token of the relays' feedback endpoint.
+pub fn feedback_secret_name(pool: &RelayPool) -> String {
+    format!("{}-feedback", name_of(pool))
+}
+
+/// Key of the token in the feedback Secret.
+pub const FEEDBACK_TOKEN_KEY: &str = "token";
+
+/// The feedback Secret: the bearer token that lets a feedback-loop forwarder post ARF
+/// complaint reports to the relays (`POST /v1/feedback` on the `feedback` port of the pool's
+/// Service).
+pub fn feedback_secret(pool: &RelayPool, token: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta(pool, &feedback_secret_name(pool)),
+        "type": "Opaque",
+        "stringData": {FEEDBACK_TOKEN_KEY: token},
+    })
+}
+
 /// The SMTP Service applications send to.
 pub fn smtp_service(pool: &RelayPool) -> Value {
     json!({
@@ -113,6 +134,12 @@ pub fn smtp_service(pool: &RelayPool) -> Value {
                 "name": "smtp",
                 "port": pool.spec.listener.port,
                 "targetPort": "smtp",
+                "protocol": "TCP",
+            }, {
+                // ARF complaint reports (bearer token in the pool's feedback Secret).
+                "name": "feedback",
+                "port": RELAY_HTTP_PORT,
+                "targetPort": "metrics",
                 "protocol": "TCP",
             }],
         },

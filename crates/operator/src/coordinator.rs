@@ -68,6 +68,8 @@ struct ReportState {
     pod_generation: BTreeMap<String, u64>,
     /// A flush task runs for this pool.
     flushing: bool,
+    /// Recipients to add to suppression lists with the next write.
+    suppressions: Vec<crate::suppression::Pending>,
 }
 
 /// How long reports gather before one status write carries them all.
@@ -620,6 +622,16 @@ impl Coordinator for CoordinatorService {
                 });
             count(c, d.outcome, d.count);
         }
+        for s in &r.suppressions {
+            if s.domain.is_empty() || s.recipient.is_empty() {
+                continue;
+            }
+            reports.suppressions.push(crate::suppression::Pending {
+                domain: s.domain.clone(),
+                recipient: s.recipient.clone(),
+                reason: crate::suppression::reason_name(s.reason),
+            });
+        }
         reports.relays.insert(
             r.pod_name.clone(),
             RelayConnection {
@@ -658,8 +670,8 @@ impl Coordinator for CoordinatorService {
 async fn flush(fleet: Arc<Fleet>, pool: PoolKey, entry: Arc<PoolEntry>) {
     loop {
         tokio::time::sleep(FLUSH_DELAY).await;
-        let (snapshot, generation) = {
-            let r = entry.reports.lock().await;
+        let (snapshot, generation, suppressions) = {
+            let mut r = entry.reports.lock().await;
             (
                 ReportState {
                     seeded: true,
@@ -668,8 +680,24 @@ async fn flush(fleet: Arc<Fleet>, pool: PoolKey, entry: Arc<PoolEntry>) {
                     ..ReportState::default()
                 },
                 r.generation,
+                std::mem::take(&mut r.suppressions),
             )
         };
+        // Suppressions first: once the status records a report's sequence, the relay will not
+        // send it again.
+        if let Err(e) =
+            crate::suppression::record(&fleet.client, &pool.namespace, &pool.name, &suppressions)
+                .await
+        {
+            tracing::warn!(%pool, error = %e, "cannot record suppressed recipients; retrying");
+            let mut r = entry.reports.lock().await;
+            let newer = std::mem::take(&mut r.suppressions);
+            r.suppressions = suppressions;
+            r.suppressions.extend(newer);
+            drop(r);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         match fleet.write_status(&pool, &snapshot).await {
             Ok(()) => {
                 entry.flushed.send_replace(generation);

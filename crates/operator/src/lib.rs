@@ -2,7 +2,8 @@
 //!
 //! Pure decision logic lives in its own modules ([`egress`] allocation, [`children`] objects)
 //! and is unit-tested without a cluster, as are the DNS records and plan ([`dns`]) and DKIM keys
-//! ([`dkim`]); [`relaypool`] and [`sendingdomain`] wire them to the API server, the
+//! ([`dkim`]) and the warm-up decisions ([`warmup`]); [`relaypool`], [`sendingdomain`] and
+//! [`warmup`] wire them to the API server, the
 //! [`coordinator`] serves the relays, [`leader`] makes two replicas safe. [`run`] starts it all.
 
 pub mod children;
@@ -15,6 +16,8 @@ pub mod metrics;
 pub mod pki;
 pub mod relaypool;
 pub mod sendingdomain;
+pub mod suppression;
+pub mod warmup;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -245,9 +248,23 @@ pub async fn run(
         client.clone(),
         Arc::clone(&metrics),
     ));
-    for ns in namespaces {
+    for ns in namespaces.iter().cloned() {
         controllers.push(tokio::spawn(sendingdomain::run(
             Arc::clone(&domains),
+            ns,
+            wait_true(stop_rx.clone()),
+        )));
+    }
+    // WarmupPlans: stages, gates and blocklists per address.
+    let warmups = Arc::new(warmup::Context {
+        client: client.clone(),
+        metrics: Arc::clone(&metrics),
+        recorder: ctx.recorder.clone(),
+        clock: Arc::new(k8s_openapi::jiff::Timestamp::now),
+    });
+    for ns in namespaces {
+        controllers.push(tokio::spawn(warmup::run(
+            Arc::clone(&warmups),
             ns,
             wait_true(stop_rx.clone()),
         )));

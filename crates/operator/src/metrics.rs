@@ -9,6 +9,11 @@
 //! | `mailfleet_operator_coordinator_registrations_total` | counter | | relay registrations |
 //! | `mailfleet_operator_coordinator_connected_relays` | gauge | | open config streams |
 //! | `mailfleet_operator_leader` | gauge | | 1 on the replica that holds the Lease |
+//! | `mailfleet_operator_warmup_stage` | gauge | `namespace`, `plan`, `pool`, `address` | current warm-up stage (1-based) |
+//! | `mailfleet_operator_warmup_limit` | gauge | `namespace`, `plan`, `pool`, `address` | messages the address may send in the current window (0: no limit, warm) |
+//! | `mailfleet_operator_warmup_sent` | gauge | `namespace`, `plan`, `pool`, `address` | messages attempted in the current window |
+//! | `mailfleet_operator_warmup_addresses` | gauge | `namespace`, `plan`, `state` | addresses per warm-up state |
+//! | `mailfleet_operator_warmup_decisions_total` | counter | `decision` | window decisions (`advanced`, `warm`, `held`, `steppedBack`, `paused`, `idleReset`, `quarantined`, `delisted`) |
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -35,6 +40,7 @@ struct Histogram {
 pub struct Metrics {
     counters: Mutex<BTreeMap<(String, Labels), u64>>,
     histograms: Mutex<BTreeMap<(String, Labels), Histogram>>,
+    gauges: Mutex<BTreeMap<(String, Labels), f64>>,
     /// Set while this replica leads.
     pub leader: AtomicBool,
     /// Set once the controllers and the coordinator run.
@@ -102,6 +108,28 @@ impl Metrics {
         );
     }
 
+    /// Replaces every series of gauge `name` whose labels include all of `owner` by `series`
+    /// (a controller publishes all the series of one object at once, so removed ones vanish).
+    pub fn set_gauges(
+        &self,
+        name: &str,
+        owner: &[(&str, &str)],
+        series: Vec<(Vec<(&str, &str)>, f64)>,
+    ) {
+        let mut g = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        let owner = labels(owner);
+        g.retain(|(n, l), _| n != name || !owner.iter().all(|o| l.contains(o)));
+        for (pairs, v) in series {
+            g.insert((name.to_string(), labels(&pairs)), v);
+        }
+    }
+
+    /// A gauge's value (tests).
+    pub fn gauge(&self, name: &str, pairs: &[(&str, &str)]) -> Option<f64> {
+        let g = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        g.get(&(name.to_string(), labels(pairs))).copied()
+    }
+
     /// A counter's value (tests and status pages).
     pub fn counter(&self, name: &str, pairs: &[(&str, &str)]) -> u64 {
         let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,6 +185,14 @@ impl Metrics {
                 render_labels(l),
                 h.count
             ));
+        }
+        last.clear();
+        for ((name, l), v) in self.gauges.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if *name != last {
+                out.push_str(&format!("# TYPE {PREFIX}{name} gauge\n"));
+                last.clone_from(name);
+            }
+            out.push_str(&format!("{PREFIX}{name}{} {v}\n", render_labels(l)));
         }
         let relays = self
             .connected_relays

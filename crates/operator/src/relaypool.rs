@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
@@ -26,6 +26,7 @@ use mailfleet_api::relaypool::{
     RelayPool, RelayPoolStatus,
 };
 use mailfleet_api::sendingdomain::{DkimAlgorithm, SendingDomain};
+use mailfleet_api::warmupplan::WarmupPlan;
 use mailfleet_proto::v1 as pb;
 use serde_json::{Value, json};
 
@@ -34,6 +35,7 @@ use crate::coordinator::{Fleet, PoolKey};
 use crate::egress::{self, EgressAddr, Placement, PodFacts};
 use crate::metrics::Metrics;
 use crate::pki::{self, CertificateAuthority};
+use crate::warmup;
 
 /// Field manager of everything the controller applies.
 pub const MANAGER: &str = "mailfleet-operator";
@@ -53,6 +55,8 @@ pub enum ReconcileError {
     Pki(#[from] pki::PkiError),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("the system random generator failed")]
+    Random,
 }
 
 impl ReconcileError {
@@ -62,6 +66,7 @@ impl ReconcileError {
             ReconcileError::Egress(_) => "spec",
             ReconcileError::Pki(_) => "pki",
             ReconcileError::Finalizer(_) => "finalizer",
+            ReconcileError::Random => "internal",
         }
     }
 }
@@ -168,6 +173,47 @@ async fn ensure_identity(pool: &RelayPool, ctx: &Context) -> Result<(), Reconcil
     Ok(())
 }
 
+/// The pool's feedback token (created once, kept across reconciles and operator restarts);
+/// returns its SHA-256 in hex, which is all the relays get.
+async fn ensure_feedback_token(pool: &RelayPool, ctx: &Context) -> Result<String, ReconcileError> {
+    let ns = pool.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = children::feedback_secret_name(pool);
+    let existing = secrets
+        .get_opt(&name)
+        .await?
+        .and_then(|s| secret_text(&s, children::FEEDBACK_TOKEN_KEY))
+        .filter(|t| !t.is_empty());
+    let token = match existing {
+        Some(t) => t,
+        None => {
+            let mut raw = [0u8; 32];
+            aws_lc_rs::rand::fill(&mut raw).map_err(|_| ReconcileError::Random)?;
+            let token =
+                base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
+            apply(&secrets, &name, &children::feedback_secret(pool, &token)).await?;
+            ctx.event(
+                pool,
+                EventType::Normal,
+                "FeedbackTokenIssued",
+                format!("issued the feedback endpoint's bearer token into Secret {name}"),
+            )
+            .await;
+            token
+        }
+    };
+    Ok(token_hash(&token))
+}
+
+/// Lowercase hex SHA-256 of a bearer token.
+pub fn token_hash(token: &str) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn ordinal_of(pod: &str, pool: &str) -> Option<u32> {
     pod.strip_prefix(pool)?.strip_prefix('-')?.parse().ok()
 }
@@ -189,21 +235,6 @@ fn previous_placement(pool: &RelayPool) -> BTreeMap<IpAddr, Placement> {
         out.insert(ip, placement);
     }
     out
-}
-
-/// State an assigned address has until the warm-up engine says otherwise.
-fn base_state(pool: &RelayPool, previous: Option<&AddressStatus>) -> AddressState {
-    match previous.map(|p| p.state) {
-        Some(
-            s @ (AddressState::Warming
-            | AddressState::Warm
-            | AddressState::Held
-            | AddressState::Paused
-            | AddressState::Quarantined),
-        ) => s,
-        _ if pool.spec.warmup_plan_ref.is_some() => AddressState::Warming,
-        _ => AddressState::Warm,
-    }
 }
 
 fn proto_state(s: AddressState) -> i32 {
@@ -290,7 +321,8 @@ async fn sending_domains(
             addresses: d.spec.addresses.clone().unwrap_or_default(),
             signing_keys: keys,
             return_path_domain: format!("{}.{}", d.spec.spf.return_path_label, d.spec.domain),
-            suppressed_recipients: Vec::new(),
+            suppressed_recipients: crate::suppression::recipients(client, &ns, &d.name_any())
+                .await?,
         });
     }
     Ok(out)
@@ -325,6 +357,7 @@ fn base_config(
     pool: &RelayPool,
     domains: Vec<pb::SendingDomain>,
     users: BTreeMap<String, String>,
+    feedback_token_sha256: String,
 ) -> pb::RelayConfig {
     let d = &pool.spec.delivery;
     let l = &pool.spec.listener;
@@ -367,7 +400,7 @@ fn base_config(
             max_recipients: u32::try_from(l.max_recipients).unwrap_or(0),
             max_sessions: u32::try_from(l.max_sessions).unwrap_or(0),
             users: users.into_iter().collect(),
-            feedback_token_sha256: String::new(),
+            feedback_token_sha256,
         }),
     }
 }
@@ -474,15 +507,25 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
         .flat_map(|s| s.addresses.iter())
         .map(|a| (a.address.clone(), a.clone()))
         .collect();
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let plan = match &pool.spec.warmup_plan_ref {
+        Some(r) => {
+            Api::<WarmupPlan>::namespaced(client.clone(), &ns)
+                .get_opt(&r.name)
+                .await?
+        }
+        None => None,
+    };
+    let now_ts = k8s_openapi::jiff::Timestamp::now();
+    let now = Time(now_ts);
     let mut rows = Vec::new();
     let mut events = Vec::new();
     for EgressAddr { ip, helo_name } in &addresses {
         let key = ip.to_string();
         let old = old_rows.get(&key);
         let p = placement.get(ip).copied().unwrap_or(Placement::Unassigned);
+        let (warm_state, warm_reason) = warmup::address_state(pool, plan.as_ref(), &key);
         let (pod, state) = match p {
-            Placement::Assigned(o) => (Some(format!("{name}-{o}")), base_state(pool, old)),
+            Placement::Assigned(o) => (Some(format!("{name}-{o}")), warm_state),
             Placement::Draining { from, .. } => {
                 (Some(format!("{name}-{from}")), AddressState::Draining)
             }
@@ -514,7 +557,10 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
             pod,
             helo_name: helo_name.clone(),
             state,
-            reason: old.and_then(|o| o.reason.clone()).filter(|_| !changed),
+            reason: match state {
+                AddressState::Draining | AddressState::Unassigned => None,
+                _ => warm_reason,
+            },
             since: if changed {
                 Some(now.clone())
             } else {
@@ -567,6 +613,7 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
         pool,
         sending_domains(pool, client).await?,
         users(pool, client).await?,
+        ensure_feedback_token(pool, ctx).await?,
     );
     let mut configs = BTreeMap::new();
     for o in facts
@@ -578,14 +625,21 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
     {
         let pod = format!("{name}-{o}");
         let mut c = base.clone();
-        c.addresses = rows
+        let mine: Vec<&AddressStatus> = rows
             .iter()
             .filter(|r| r.pod.as_deref() == Some(pod.as_str()))
+            .collect();
+        c.addresses = mine
+            .iter()
             .map(|r| pb::EgressAddress {
                 address: r.address.clone(),
                 helo_name: r.helo_name.clone(),
                 state: proto_state(r.state),
             })
+            .collect();
+        c.quotas = mine
+            .iter()
+            .flat_map(|r| warmup::quotas(pool, plan.as_ref(), &r.address, now_ts))
             .collect();
         configs.insert(pod, c);
     }
@@ -790,7 +844,13 @@ pub async fn run(
         )
         .owns(api::<StatefulSet>(client, ns), labelled.clone())
         .owns(api::<Secret>(client, ns), labelled.clone())
-        .watches(api::<Pod>(client, ns), labelled, |pod| pool_of_labels(&pod))
+        .watches(api::<Pod>(client, ns), labelled.clone(), |pod| {
+            pool_of_labels(&pod)
+        })
+        // Suppression lists of the pool's sending domains.
+        .watches(api::<ConfigMap>(client, ns), labelled, |cm| {
+            pool_of_labels(&cm)
+        })
         .watches(
             api::<SendingDomain>(client, ns),
             watcher::Config::default(),
@@ -799,6 +859,19 @@ pub async fn run(
                     ObjectRef::new(&d.spec.relay_pool_ref.name)
                         .within(d.metadata.namespace.as_deref()?),
                 )
+            },
+        )
+        .watches(
+            api::<WarmupPlan>(client, ns),
+            watcher::Config::default(),
+            |plan| {
+                let ns = plan.metadata.namespace.clone().unwrap_or_default();
+                plan.status
+                    .iter()
+                    .flat_map(|s| s.addresses.iter().map(|a| a.pool.clone()))
+                    .collect::<BTreeSet<String>>()
+                    .into_iter()
+                    .map(move |p| ObjectRef::new(&p).within(&ns))
             },
         )
         .graceful_shutdown_on(shutdown)
