@@ -9,13 +9,15 @@
 
 #[path = "../../relay/tests/common/mod.rs"]
 mod common;
+mod e2e;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
-use common::{Knot, Proc, Sink, free_port, header, repo_root, require};
+use common::{Knot, Sink, free_port, header, repo_root, require};
+use e2e::{Kubectl, condition, eventually, operator, pod_ip};
 use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -25,56 +27,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
-
-fn kubectl_bin() -> PathBuf {
-    std::env::var_os("KUBECTL")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| {
-            let local = repo_root().join("bin/kubectl");
-            if local.is_file() {
-                local
-            } else {
-                require("kubectl")
-            }
-        })
-}
-
-struct Kubectl {
-    kubeconfig: PathBuf,
-    home: PathBuf,
-}
-
-impl Kubectl {
-    fn run(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(kubectl_bin())
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.home)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (ok, out) = self.run(args);
-        assert!(ok, "kubectl {args:?} failed: {out}");
-        out
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        serde_json::from_str(&self.ok(&a)).unwrap()
-    }
-}
 
 /// An OTLP trace receiver: the names of the spans it was sent, with their service name.
 #[derive(Clone, Default)]
@@ -106,61 +58,10 @@ impl TraceService for Traces {
     }
 }
 
-fn operator(kubeconfig: &Path, log: &Path, coordinator: u16, health: u16, id: &str) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_mailfleet"))
-        .args([
-            "operator",
-            &format!("--coordinator-addr=127.0.0.1:{coordinator}"),
-            &format!("--coordinator-url=https://127.0.0.1:{coordinator}"),
-            &format!("--metrics-addr=127.0.0.1:{health}"),
-            &format!("--health-addr=127.0.0.1:{health}"),
-            "--namespace=mailfleet-system",
-            &format!("--identity={id}"),
-            "--relay-image=example.invalid/mailfleet:test",
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,kube=warn")
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://127.0.0.1:{otlp}", otlp = otlp_port()),
-        )
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Proc(child)
-}
-
 static OTLP_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
 fn otlp_port() -> u16 {
     *OTLP_PORT.get().expect("the OTLP receiver runs")
-}
-
-fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn condition(pool: &Value, type_: &str) -> bool {
-    pool["status"]["conditions"].as_array().is_some_and(|cs| {
-        cs.iter()
-            .any(|c| c["type"] == type_ && c["status"] == "True")
-    })
 }
 
 /// address → pod, from the pool's status; asserts each address is listed once.
@@ -189,13 +90,6 @@ fn delivered_total(pool: &Value) -> u64 {
         .as_array()
         .map(|cs| cs.iter().filter_map(|c| c["delivered"].as_u64()).sum())
         .unwrap_or(0)
-}
-
-fn pod_ip(k: &Kubectl, pod: &str) -> String {
-    eventually(30, "a pod IP", || {
-        let p = k.json(&["-n", "mail", "get", "pod", pod]);
-        p["status"]["podIP"].as_str().map(str::to_string)
-    })
 }
 
 fn swaks(ip: &str, port: u16, to: &str) -> (bool, String) {
@@ -335,7 +229,14 @@ spec:
     k.ok(&["apply", "-f", manifest_path.to_str().unwrap()]);
 
     let op_log = root.join("operator.log");
-    let mut op = operator(&dc.kubeconfig, &op_log, coordinator, health, "op-1");
+    let mut op = operator(
+        &dc.kubeconfig,
+        &op_log,
+        coordinator,
+        health,
+        "op-1",
+        Some(otlp_port()),
+    );
     let log = || std::fs::read_to_string(&op_log).unwrap_or_default();
 
     // Three relays up and ready, two addresses each.
@@ -363,7 +264,7 @@ spec:
     // Mail through each relay leaves from one of that relay's addresses, signed.
     for i in 0..3 {
         let pod = format!("transactional-{i}");
-        let ip = pod_ip(&k, &pod);
+        let ip = pod_ip(&k, "mail", &pod);
         let (ok, out) = swaks(&ip, smtp_port, &format!("user{i}@dest.example.test"));
         assert!(ok, "swaks through {pod} at {ip}: {out}");
     }
@@ -443,7 +344,14 @@ spec:
         .status();
     let _ = op.0.wait();
     let mid = assignment(&k.json(&["-n", "mail", "get", "relaypool", "transactional"]));
-    op = operator(&dc.kubeconfig, &op_log, coordinator, health, "op-2");
+    op = operator(
+        &dc.kubeconfig,
+        &op_log,
+        coordinator,
+        health,
+        "op-2",
+        Some(otlp_port()),
+    );
     let pool = eventually(120, "2 ready relays holding all addresses", || {
         settled(&k, 2).filter(|p| {
             assignment(p)
@@ -473,7 +381,7 @@ spec:
     // More mail after the restart; the totals count every message once.
     for i in 3..7 {
         let pod = format!("transactional-{}", i % 2);
-        let ip = pod_ip(&k, &pod);
+        let ip = pod_ip(&k, "mail", &pod);
         let (ok, out) = swaks(&ip, smtp_port, &format!("user{i}@dest.example.test"));
         assert!(ok, "swaks through {pod}: {out}");
     }

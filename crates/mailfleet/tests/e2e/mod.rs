@@ -1,0 +1,126 @@
+//! What the end-to-end tests share: `kubectl` against devcluster, the operator as a process,
+//! and waiting for a condition.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::{Proc, repo_root, require};
+
+pub fn kubectl_bin() -> PathBuf {
+    std::env::var_os("KUBECTL")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| {
+            let local = repo_root().join("bin/kubectl");
+            if local.is_file() {
+                local
+            } else {
+                require("kubectl")
+            }
+        })
+}
+
+pub struct Kubectl {
+    pub kubeconfig: PathBuf,
+    pub home: PathBuf,
+}
+
+impl Kubectl {
+    pub fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(kubectl_bin())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.run(args);
+        assert!(ok, "kubectl {args:?} failed: {out}");
+        out
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+}
+
+pub fn operator(
+    kubeconfig: &Path,
+    log: &Path,
+    coordinator: u16,
+    health: u16,
+    id: &str,
+    otlp: Option<u16>,
+) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mailfleet"));
+    cmd.args([
+        "operator",
+        &format!("--coordinator-addr=127.0.0.1:{coordinator}"),
+        &format!("--coordinator-url=https://127.0.0.1:{coordinator}"),
+        &format!("--metrics-addr=127.0.0.1:{health}"),
+        &format!("--health-addr=127.0.0.1:{health}"),
+        "--namespace=mailfleet-system",
+        &format!("--identity={id}"),
+        "--relay-image=example.invalid/mailfleet:test",
+    ])
+    .env("KUBECONFIG", kubeconfig)
+    .env("RUST_LOG", "info,kube=warn")
+    .stdout(Stdio::null())
+    .stderr(log);
+    if let Some(port) = otlp {
+        cmd.env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        );
+    }
+    Proc(cmd.spawn().unwrap())
+}
+
+pub fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn condition(pool: &Value, type_: &str) -> bool {
+    pool["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == type_ && c["status"] == "True")
+    })
+}
+
+pub fn pod_ip(k: &Kubectl, namespace: &str, pod: &str) -> String {
+    eventually(30, "a pod IP", || {
+        let p = k.json(&["-n", namespace, "get", "pod", pod]);
+        p["status"]["podIP"].as_str().map(str::to_string)
+    })
+}

@@ -1,0 +1,533 @@
+//! Warm-up end to end on devcluster: `mailfleet operator` (a process) runs the warm-up engine,
+//! real `mailfleet relay` processes enforce the quotas it pushes, and a scriptable sink MX
+//! (hack/relay-sink.py, found through Knot) answers 250, or 550 to recipients named
+//! `bounce-*`. Windows are seconds long, so a plan's days pass while the test watches:
+//! - a clean ramp reaches warm, and no address ever sends more than its limit (counted at
+//!   the sink per source address and window);
+//! - a bounce spike holds an address and steps it back;
+//! - an address added to a pool starts at stage one while the others keep their stage, and
+//!   with `overflow: warmAddresses` mail over its limit leaves from the warm address;
+//! - an address listed on a DNSBL zone served by Knot is quarantined (no mail leaves from
+//!   it) and returns when delisted;
+//! - a restarted operator carries on from the plans' status.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../../relay/tests/common/mod.rs"]
+mod common;
+mod e2e;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Client, Knot, Sink, TSIG, free_port, header, require};
+use e2e::{Kubectl, eventually, operator, pod_ip};
+use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+use serde_json::Value;
+
+const WINDOW_SECS: f64 = 4.0;
+
+fn plan_manifest(name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: mailfleet.dev/v1alpha1\nkind: WarmupPlan\nmetadata:\n  name: {name}\n  namespace: mail\nspec:\n  window: 4s\n  idleResetDays: 0\n{body}---\n"
+    )
+}
+
+fn pool_manifest(name: &str, addresses: &[&str], smtp_port: u16, sink: u16, knot: u16) -> String {
+    let list: Vec<String> = addresses
+        .iter()
+        .map(|a| format!("      - address: {a}\n        heloName: {name}.relay.example.test\n"))
+        .collect();
+    format!(
+        r#"apiVersion: mailfleet.dev/v1alpha1
+kind: RelayPool
+metadata:
+  name: {name}
+  namespace: mail
+spec:
+  replicas: 1
+  warmupPlanRef:
+    name: {name}
+  egress:
+    addresses:
+{addresses}  listener:
+    port: {smtp_port}
+    allowedNetworks: ["127.0.0.0/8"]
+  delivery:
+    retrySchedule: ["1s"]
+    destinationPort: {sink}
+    nameservers: ["127.0.0.1:{knot}"]
+---
+apiVersion: mailfleet.dev/v1alpha1
+kind: SendingDomain
+metadata:
+  name: {name}
+  namespace: mail
+spec:
+  domain: {name}.example.test
+  relayPoolRef:
+    name: {name}
+  dkim:
+    algorithm: ed25519
+  dns:
+    provider: manual
+---
+"#,
+        addresses = list.concat()
+    )
+}
+
+/// Sends one message per recipient over one SMTP session; returns the RCPT replies.
+fn send(
+    rt: &tokio::runtime::Runtime,
+    relay: SocketAddr,
+    domain: &str,
+    to: &[String],
+) -> Vec<String> {
+    rt.block_on(async {
+        let mut c = Client::connect_from("127.0.0.1", relay).await;
+        let ehlo = c.cmd("EHLO app.example.test").await;
+        assert!(ehlo.starts_with("250"), "{ehlo}");
+        let mut replies = Vec::new();
+        for rcpt in to {
+            let r = c.cmd(&format!("MAIL FROM:<app@{domain}>")).await;
+            assert!(r.starts_with("250"), "MAIL FROM: {r}");
+            let r = c.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+            if !r.starts_with("250") {
+                replies.push(r);
+                assert!(c.cmd("RSET").await.starts_with("250"));
+                continue;
+            }
+            replies.push(r);
+            let r = c.cmd("DATA").await;
+            assert!(r.starts_with("354"), "DATA: {r}");
+            let r = c
+                .cmd(&format!(
+                    "From: App <app@{domain}>\r\nTo: <{rcpt}>\r\nSubject: warm-up\r\n\r\nhello\r\n."
+                ))
+                .await;
+            assert!(r.starts_with("250"), "end of DATA: {r}");
+        }
+        c.cmd("QUIT").await;
+        replies
+    })
+}
+
+fn recipients(prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{prefix}-{i}@dest.example.test"))
+        .collect()
+}
+
+fn plan(k: &Kubectl, name: &str) -> Value {
+    k.json(&["-n", "mail", "get", "warmupplan", name])
+}
+
+fn address<'a>(plan: &'a Value, ip: &str) -> Option<&'a Value> {
+    plan["status"]["addresses"]
+        .as_array()?
+        .iter()
+        .find(|a| a["address"] == ip)
+}
+
+fn state_of(plan: &Value, ip: &str) -> (i64, String) {
+    address(plan, ip).map_or((0, String::new()), |a| {
+        (
+            a["stage"].as_i64().unwrap_or(0),
+            a["state"].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+fn parse_time(v: &Value) -> f64 {
+    let s = v.as_str().unwrap();
+    let t: k8s_openapi::jiff::Timestamp = s.parse().unwrap();
+    t.as_millisecond() as f64 / 1000.0
+}
+
+/// Arrival times at the sink per source address.
+fn arrivals(sink: &Sink, to_domain_prefix: &str) -> BTreeMap<String, Vec<f64>> {
+    let mut out: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for (path, m) in sink.messages() {
+        if !header(&m, "X-Sink-To").is_some_and(|t| t.starts_with(to_domain_prefix)) {
+            continue;
+        }
+        let peer = header(&m, "X-Sink-Peer").unwrap().to_string();
+        let at = unix(std::fs::metadata(&path).unwrap().modified().unwrap());
+        out.entry(peer).or_default().push(at);
+    }
+    out
+}
+
+/// Reasons and notes of the Events about WarmupPlan `name`.
+fn events(k: &Kubectl, name: &str) -> String {
+    let list = k.json(&["-n", "mail", "get", "events.events.k8s.io"]);
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["regarding"]["kind"] == "WarmupPlan" && e["regarding"]["name"] == name)
+        .map(|e| format!("{} {}\n", e["reason"], e["note"]))
+        .collect()
+}
+
+fn nsupdate(knot: &Knot, line: &str) {
+    let mut child = Command::new(require("nsupdate"))
+        .args(["-y", TSIG])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            format!(
+                "server 127.0.0.1 {}\nzone example.test\n{line}\nsend\n",
+                knot.port
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nsupdate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let sink = Sink::start(root, &["--reject-rcpt", "bounce-"]);
+    let knot = Knot::start(
+        root,
+        &[
+            "dest.example.test. 60 MX 10 mx.example.test.",
+            "mx.example.test. 60 A 127.0.0.1",
+            // 127.0.7.1 is listed on the test blocklist.
+            "1.7.0.127.bl.example.test. 60 A 127.0.0.2",
+        ],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = Config::new(root.join("cluster"));
+    config.runner = Some(RunnerConfig {
+        relay_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_mailfleet"))),
+        ..RunnerConfig::default()
+    });
+    let dc = rt.block_on(DevCluster::start(config)).unwrap();
+    let k = Kubectl {
+        kubeconfig: dc.kubeconfig.clone(),
+        home: root.to_path_buf(),
+    };
+    k.ok(&[
+        "apply",
+        "-f",
+        common::repo_root().join("crds").to_str().unwrap(),
+    ]);
+    k.ok(&["create", "namespace", "mailfleet-system"]);
+    k.ok(&["create", "namespace", "mail"]);
+
+    let smtp_port = free_port();
+    let (s, q) = (sink.port, knot.port);
+    let mut manifests = String::new();
+    // ramp: two stages of 4 and 8 per window, then warm.
+    manifests.push_str(&plan_manifest(
+        "ramp",
+        "  stages:\n    - dailyLimit: 4\n    - dailyLimit: 8\n",
+    ));
+    manifests.push_str(&pool_manifest(
+        "ramp",
+        &["127.0.4.1", "127.0.4.2"],
+        smtp_port,
+        s,
+        q,
+    ));
+    // spike: steps back one stage when more than 20% hard-bounce.
+    manifests.push_str(&plan_manifest(
+        "spike",
+        "  stages:\n    - dailyLimit: 2\n    - dailyLimit: 4\n    - dailyLimit: 8\n    - dailyLimit: 16\n  gates:\n    maxHardBounceRate: 0.2\n  onBreach:\n    action: stepBack\n    stepBackStages: 1\n",
+    ));
+    manifests.push_str(&pool_manifest("spike", &["127.0.5.1"], smtp_port, s, q));
+    // overflow: one stage of 1; mail over the limit leaves from warm addresses.
+    manifests.push_str(&plan_manifest(
+        "overflow",
+        "  stages:\n    - dailyLimit: 1\n  overflow: warmAddresses\n",
+    ));
+    manifests.push_str(&pool_manifest("overflow", &["127.0.6.1"], smtp_port, s, q));
+    // listed: checked against the Knot-served blocklist every second.
+    manifests.push_str(&plan_manifest(
+        "listed",
+        &format!(
+            "  stages:\n    - dailyLimit: 1000\n  blocklists:\n    zones: [bl.example.test]\n    interval: 1s\n    nameservers: [\"127.0.0.1:{q}\"]\n"
+        ),
+    ));
+    manifests.push_str(&pool_manifest(
+        "listed",
+        &["127.0.7.1", "127.0.7.2"],
+        smtp_port,
+        s,
+        q,
+    ));
+    let path = root.join("warmup.yaml");
+    std::fs::write(&path, manifests).unwrap();
+    k.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    let coordinator = free_port();
+    let health = free_port();
+    let op_log = root.join("operator.log");
+    let mut op = operator(&dc.kubeconfig, &op_log, coordinator, health, "op-1", None);
+    let log = || std::fs::read_to_string(&op_log).unwrap_or_default();
+
+    // Every pool's relay is ready and every address is in its plan.
+    let relay = |pool: &str| -> SocketAddr {
+        let ip = pod_ip(&k, "mail", &format!("{pool}-0"));
+        SocketAddr::new(ip.parse().unwrap(), smtp_port)
+    };
+    for (pool, n) in [("ramp", 2), ("spike", 1), ("overflow", 1), ("listed", 2)] {
+        eventually(
+            120,
+            &format!("{pool} ready with {n} address(es) in its plan"),
+            || {
+                let p = k.json(&["-n", "mail", "get", "relaypool", pool]);
+                let ready = p["status"]["readyReplicas"].as_i64() == Some(1);
+                let counted = plan(&k, pool)["status"]["addressCount"].as_i64() == Some(n);
+                (ready && counted).then_some(())
+            },
+        );
+    }
+    let ramp_start = parse_time(&address(&plan(&k, "ramp"), "127.0.4.1").unwrap()["windowStart"]);
+    let table = k.ok(&["-n", "mail", "get", "warmupplans"]);
+    assert!(
+        table.contains("WARMING") && table.contains("PROGRESS") && table.contains("stage 1 of 2"),
+        "{table}"
+    );
+
+    // Quarantine: 127.0.7.1 is listed, so it is out of rotation; mail leaves from 127.0.7.2.
+    eventually(30, "127.0.7.1 quarantined", || {
+        let p = plan(&k, "listed");
+        (state_of(&p, "127.0.7.1").1 == "quarantined" && state_of(&p, "127.0.7.2").1 == "warming")
+            .then_some(())
+    });
+    let p = plan(&k, "listed");
+    assert_eq!(
+        address(&p, "127.0.7.1").unwrap()["listedOn"][0],
+        "bl.example.test"
+    );
+    eventually(30, "the pool shows the quarantine", || {
+        let pool = k.json(&["-n", "mail", "get", "relaypool", "listed"]);
+        pool["status"]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["address"] == "127.0.7.1" && a["state"] == "quarantined")
+            .then_some(())
+    });
+
+    // Traffic: a clean burst for ramp (40 > what its stages allow in two windows), six clean
+    // messages for spike (2 + 4: exactly stages one and two), the quarantine pool's mail.
+    let ramp_relay = relay("ramp");
+    let spike_relay = relay("spike");
+    let listed_relay = relay("listed");
+    send(
+        &rt,
+        ramp_relay,
+        "ramp.example.test",
+        &recipients("ramp", 40),
+    );
+    send(
+        &rt,
+        spike_relay,
+        "spike.example.test",
+        &recipients("spike", 6),
+    );
+    send(
+        &rt,
+        listed_relay,
+        "listed.example.test",
+        &recipients("listed", 4),
+    );
+
+    let listed = eventually(60, "the quarantine pool's 4 messages", || {
+        let a = arrivals(&sink, "listed-");
+        (a.values().map(Vec::len).sum::<usize>() == 4).then_some(a)
+    });
+    assert_eq!(
+        listed.keys().collect::<Vec<_>>(),
+        ["127.0.7.2"],
+        "mail left from a quarantined address: {listed:?}"
+    );
+    assert!(events(&k, "listed").contains("AddressQuarantined"));
+
+    // Delisting brings the address back.
+    nsupdate(&knot, "update delete 1.7.0.127.bl.example.test. A");
+    eventually(30, "127.0.7.1 delisted", || {
+        (state_of(&plan(&k, "listed"), "127.0.7.1").1 == "warming").then_some(())
+    });
+    assert!(events(&k, "listed").contains("AddressDelisted"));
+
+    // The clean ramp reaches warm.
+    eventually(60, "both ramp addresses warm", || {
+        let p = plan(&k, "ramp");
+        (state_of(&p, "127.0.4.1").1 == "warm" && state_of(&p, "127.0.4.2").1 == "warm")
+            .then_some(())
+    });
+    let ramp_events = events(&k, "ramp");
+    assert!(
+        ramp_events.contains("WarmupAdvanced") && ramp_events.contains("WarmupCompleted"),
+        "{ramp_events}"
+    );
+    let sent = eventually(60, "all 40 ramp messages", || {
+        let a = arrivals(&sink, "ramp-");
+        (a.values().map(Vec::len).sum::<usize>() == 40).then_some(a)
+    });
+    // Caps: counted at the sink per source address, the messages of windows 0..=w never
+    // exceed the sum of those windows' limits (at most 4, then at most 8). A message sent at
+    // the very end of a window may arrive in the next one, so cumulative sums are what can
+    // be checked without a clock race.
+    for (ip, times) in &sent {
+        let window = |t: f64| ((t - ramp_start) / WINDOW_SECS).floor() as i64;
+        let in_0 = times.iter().filter(|t| window(**t) <= 0).count();
+        let in_01 = times.iter().filter(|t| window(**t) <= 1).count();
+        assert!(in_0 <= 4, "{ip} sent {in_0} in window 0, limit 4");
+        assert!(
+            in_01 <= 4 + 8,
+            "{ip} sent {in_01} in windows 0-1, limits 4 + 8"
+        );
+    }
+    assert_eq!(sent.len(), 2, "both ramp addresses sent: {sent:?}");
+
+    // The bounce spike: spike reaches stage 3 on clean mail, then bounces step it back.
+    eventually(60, "spike at stage 3", || {
+        (state_of(&plan(&k, "spike"), "127.0.5.1").0 == 3).then_some(())
+    });
+    let replies = send(
+        &rt,
+        spike_relay,
+        "spike.example.test",
+        &recipients("bounce", 6),
+    );
+    assert!(replies.iter().all(|r| r.starts_with("250")), "{replies:?}");
+    let p = eventually(60, "spike stepped back to stage 2 and held", || {
+        let p = plan(&k, "spike");
+        (state_of(&p, "127.0.5.1") == (2, "held".to_string())).then_some(p)
+    });
+    let a = address(&p, "127.0.5.1").unwrap();
+    assert!(
+        a["lastDecision"]
+            .as_str()
+            .unwrap()
+            .contains("stepped back from stage 3 to 2: hard-bounce rate"),
+        "{a}"
+    );
+    assert!(a["bounceRate"].as_f64().unwrap() > 0.2, "{a}");
+    assert!(events(&k, "spike").contains("WarmupSteppedBack"));
+    // The relays enforce the stepped-back limit: the pool's address is Held there too.
+    eventually(30, "the spike pool shows Held", || {
+        let pool = k.json(&["-n", "mail", "get", "relaypool", "spike"]);
+        (pool["status"]["addresses"][0]["state"] == "held").then_some(())
+    });
+
+    // Overflow: the first address warms on one message, then a new address joins the pool
+    // and starts at stage one while the first stays warm; mail over the new address's limit
+    // leaves from the warm one.
+    let overflow_relay = relay("overflow");
+    send(
+        &rt,
+        overflow_relay,
+        "overflow.example.test",
+        &recipients("first", 1),
+    );
+    eventually(60, "127.0.6.1 warm", || {
+        (state_of(&plan(&k, "overflow"), "127.0.6.1").1 == "warm").then_some(())
+    });
+    k.ok(&[
+        "-n",
+        "mail",
+        "patch",
+        "relaypool",
+        "overflow",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/egress/addresses/-","value":{"address":"127.0.6.2","heloName":"overflow.relay.example.test"}}]"#,
+    ]);
+    eventually(
+        60,
+        "127.0.6.2 in the plan at stage 1, 127.0.6.1 still warm",
+        || {
+            let p = plan(&k, "overflow");
+            (state_of(&p, "127.0.6.2") == (1, "warming".to_string())
+                && state_of(&p, "127.0.6.1").1 == "warm")
+                .then_some(())
+        },
+    );
+    let overflow_start =
+        parse_time(&address(&plan(&k, "overflow"), "127.0.6.2").unwrap()["windowStart"]);
+    eventually(30, "the relay uses both overflow addresses", || {
+        let pool = k.json(&["-n", "mail", "get", "relaypool", "overflow"]);
+        let states: Vec<&str> = pool["status"]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a["state"].as_str())
+            .collect();
+        (states == ["warm", "warming"]).then_some(())
+    });
+    send(
+        &rt,
+        overflow_relay,
+        "overflow.example.test",
+        &recipients("over", 10),
+    );
+    let over = eventually(60, "all 10 overflow messages", || {
+        let a = arrivals(&sink, "over-");
+        (a.values().map(Vec::len).sum::<usize>() == 10).then_some(a)
+    });
+    // 127.0.6.2 may send one message per window: its n-th message (0-based) cannot arrive
+    // before its window n.
+    let mut from_new = over.get("127.0.6.2").cloned().unwrap_or_default();
+    from_new.sort_by(f64::total_cmp);
+    for (n, t) in from_new.iter().enumerate() {
+        let window = ((t - overflow_start) / WINDOW_SECS).floor() as i64;
+        assert!(
+            window >= n as i64,
+            "127.0.6.2 (limit 1 per window) sent its message {n} in window {window}: {over:?}"
+        );
+    }
+    let from_new = from_new.len();
+    assert!(
+        over.get("127.0.6.1").map_or(0, Vec::len) >= 10 - from_new,
+        "the rest left from the warm address: {over:?}"
+    );
+
+    // A restarted operator carries on from the plans' status: nothing starts over.
+    let _ = Command::new("kill")
+        .args(["-9", &op.0.id().to_string()])
+        .status();
+    let _ = op.0.wait();
+    let before = plan(&k, "ramp");
+    op = operator(&dc.kubeconfig, &op_log, coordinator, health, "op-2", None);
+    std::thread::sleep(Duration::from_secs_f64(WINDOW_SECS * 1.5));
+    let after = plan(&k, "ramp");
+    for ip in ["127.0.4.1", "127.0.4.2"] {
+        assert_eq!(state_of(&after, ip), state_of(&before, ip), "{}", log());
+        assert_eq!(state_of(&after, ip).1, "warm");
+    }
+    assert_eq!(state_of(&plan(&k, "spike"), "127.0.5.1").0, 2);
+    drop(op);
+}
