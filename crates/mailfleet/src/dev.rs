@@ -64,6 +64,9 @@ pub struct Args {
     /// Messages per second the traffic generator submits to the relays.
     #[arg(long, default_value_t = 5.0)]
     rate: f64,
+    /// Length of a simulated day: the warm-up plan's window (e.g. `30s`, `2m`, `24h`).
+    #[arg(long, default_value = "30s")]
+    day: String,
     /// Stop after this many seconds; exit non-zero if no mail reached the sink by then.
     #[arg(long)]
     duration: Option<u64>,
@@ -79,6 +82,11 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     if !(args.rate > 0.0 && args.rate <= 1000.0) {
         bail!("--rate must be above 0 and at most 1000 messages per second");
+    }
+    match mailfleet_api::common::parse_duration(&args.day) {
+        Ok(d) if d >= Duration::from_secs(1) => {}
+        Ok(_) => bail!("--day must be at least 1s"),
+        Err(e) => bail!("--day {:?}: {e} (write e.g. 30s, 2m or 24h)", args.day),
     }
     if u16::from(args.sink_defer_percent) + u16::from(args.sink_bounce_percent) > 100 {
         bail!("--sink-defer-percent and --sink-bounce-percent add up to more than 100");
@@ -221,13 +229,19 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     );
     println!("  sink MX      {}", sink.addr);
 
-    let (client, listener_port, coordinator) = match setup(&kubeconfig, &dns, &sink).await {
-        Ok(c) => c,
-        Err(e) => {
-            cluster.shutdown().await;
-            return Err(e);
-        }
-    };
+    println!(
+        "  warm-up day  {} (the plan's window; --day changes it)",
+        args.day
+    );
+
+    let (client, listener_port, coordinator) =
+        match setup(&kubeconfig, &dns, &sink, &args.day).await {
+            Ok(c) => c,
+            Err(e) => {
+                cluster.shutdown().await;
+                return Err(e);
+            }
+        };
 
     let health = free_port()?;
     let operator_config = mailfleet_operator::OperatorConfig {
@@ -358,9 +372,11 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
         .collect();
     running.stop().await;
     drop(dns);
+    let (stage_min, stage_max, warm) = last.stage_range();
     println!(
         "summary: ready={}/{} sent={} failed={} delivered={} deferred={} bounced={} \
-         sink_accepted={sink_accepted} sink_from_pool={pool_accepted} sink_sources={} elapsed={}s",
+         sink_accepted={sink_accepted} sink_from_pool={pool_accepted} sink_sources={} \
+         warmup_stage_min={stage_min} warmup_stage_max={stage_max} warm={warm} elapsed={}s",
         last.ready,
         last.replicas,
         stats.sent.load(Ordering::Relaxed),
@@ -411,6 +427,7 @@ async fn setup(
     kubeconfig: &Path,
     dns: &dns::DnsServer,
     sink: &sink::Sink,
+    day: &str,
 ) -> Result<(kube::Client, u16, u16)> {
     let kc = Kubeconfig::read_from(kubeconfig).context("failed to read the kubeconfig")?;
     let cc = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
@@ -436,7 +453,8 @@ async fn setup(
             .with_context(|| format!("failed to create the namespace {ns}"))?;
     }
 
-    // The operator does not generate DKIM keys yet: give the domain one, as a person would.
+    // A DKIM key ready before the SendingDomain controller would make one (RSA key generation
+    // takes a moment), as a person who brings their own key would.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)
         .context("failed to generate the DKIM key")?;
     let secret = serde_json::json!({
@@ -456,7 +474,8 @@ async fn setup(
     let text = FLEET
         .replace("${LISTENER_PORT}", &listener_port.to_string())
         .replace("${SINK_PORT}", &sink.addr.port().to_string())
-        .replace("${NAMESERVER}", &dns.addr.to_string());
+        .replace("${NAMESERVER}", &dns.addr.to_string())
+        .replace("${DAY}", day);
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let value: serde_json::Value = serde::Deserialize::deserialize(doc)
             .context("examples/dev/fleet.yaml is not valid YAML")?;
@@ -502,11 +521,17 @@ struct Snapshot {
     delivered: u64,
     deferred: u64,
     bounced: u64,
+    /// Messages warm-up limits held back (counted by the relays).
+    held_by_warmup: u64,
     /// SMTP addresses of the ready relay pods.
     targets: Vec<SocketAddr>,
     /// The SendingDomain's and the WarmupPlan's state, one line each.
     domain: String,
     warmup: String,
+    /// The plan's one-line summary (changes every tick, so it goes in the progress line).
+    warmup_summary: Option<String>,
+    /// Per address: (stage, stages, state, limit) from the WarmupPlan's status.
+    stages: BTreeMap<String, (i32, i32, String, i64)>,
     error: Option<String>,
 }
 
@@ -527,6 +552,7 @@ impl Snapshot {
                         snap.delivered += c.delivered.max(0) as u64;
                         snap.deferred += c.deferred.max(0) as u64;
                         snap.bounced += (c.hard_bounces + c.policy_blocks).max(0) as u64;
+                        snap.held_by_warmup += c.deferred_by_warmup.max(0) as u64;
                     }
                 }
             }
@@ -572,17 +598,20 @@ impl Snapshot {
         };
         snap.warmup = match plans.get_opt(WARMUP_PLAN).await {
             Ok(Some(p)) => match p.status {
-                Some(st) if st.observed_generation.is_some() => format!(
-                    "  warm-up plan {WARMUP_PLAN}: {} addresses, {} warming, {} warm, {} held{}\n",
-                    st.address_count,
-                    st.warming,
-                    st.warm,
-                    st.held,
-                    st.summary.map(|s| format!(" | {s}")).unwrap_or_default(),
-                ),
+                Some(st) if st.observed_generation.is_some() => {
+                    for a in &st.addresses {
+                        let state = serde_json::to_value(a.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default();
+                        snap.stages
+                            .insert(a.address.clone(), (a.stage, st.stage_count, state, a.limit));
+                    }
+                    snap.warmup_summary = st.summary.clone();
+                    warmup_line(&st)
+                }
                 _ => format!(
-                    "  warm-up plan {WARMUP_PLAN}: {} stages, no status yet (the warm-up engine \
-                     is not in this operator: addresses stay warming, without quotas)\n",
+                    "  warm-up plan {WARMUP_PLAN}: {} stages, no status yet\n",
                     p.spec.stages.len()
                 ),
             },
@@ -591,20 +620,45 @@ impl Snapshot {
         snap
     }
 
+    /// Lowest and highest warm-up stage of the pool's addresses (`-` before the first
+    /// evaluation), and how many are warm.
+    fn stage_range(&self) -> (String, String, usize) {
+        let stages: Vec<i32> = self.stages.values().map(|s| s.0).collect();
+        let warm = self.stages.values().filter(|s| s.2 == "warm").count();
+        match (stages.iter().min(), stages.iter().max()) {
+            (Some(lo), Some(hi)) => (lo.to_string(), hi.to_string(), warm),
+            _ => ("-".to_string(), "-".to_string(), warm),
+        }
+    }
+}
+
+fn warmup_line(st: &mailfleet_api::warmupplan::WarmupPlanStatus) -> String {
+    format!(
+        "  warm-up plan {WARMUP_PLAN}: {} addresses, {} warming, {} warm, {} held\n",
+        st.address_count, st.warming, st.warm, st.held,
+    )
+}
+
+impl Snapshot {
     /// The address table, the domain and the warm-up plan (printed when they change).
     fn address_table(&self) -> String {
         let mut out = format!("{}{}", self.domain, self.warmup);
         if self.addresses.is_empty() {
             return out;
         }
-        out.push_str("  addresses (address → pod, state):\n");
+        out.push_str("  addresses (address → pod, state, warm-up stage and limit per day):\n");
         for a in &self.addresses {
             let state = serde_json::to_value(a.state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
+            let warmup = match self.stages.get(&a.address) {
+                Some((_, _, s, _)) if s == "warm" => "warm, no limit".to_string(),
+                Some((stage, of, _, limit)) => format!("stage {stage}/{of}, {limit}/day"),
+                None => String::new(),
+            };
             out.push_str(&format!(
-                "    {:<15} → {:<8} {state}\n",
+                "    {:<15} → {:<8} {state:<11} {warmup}\n",
                 a.address,
                 a.pod.as_deref().unwrap_or("-")
             ));
@@ -638,7 +692,7 @@ impl Snapshot {
         let sources: BTreeSet<&IpAddr> = sink.keys().collect();
         let mut line = format!(
             "[{:>4}s] relays ready {}/{} | generator sent {} failed {} | pool delivered {} \
-             deferred {} bounced {} | sink {} from {} source(s): {}",
+             deferred {} bounced {} held by warm-up {} | sink {} from {} source(s): {}",
             started.elapsed().as_secs(),
             self.ready,
             self.replicas,
@@ -647,6 +701,7 @@ impl Snapshot {
             self.delivered,
             self.deferred,
             self.bounced,
+            self.held_by_warmup,
             sink.values().map(|c| c.accepted).sum::<u64>(),
             sources.len(),
             if by_source.is_empty() {
@@ -655,6 +710,9 @@ impl Snapshot {
                 by_source.join(" ")
             },
         );
+        if let Some(w) = &self.warmup_summary {
+            line.push_str(&format!(" | warm-up {w}"));
+        }
         if let Some(e) = &self.error {
             line.push_str(&format!(" | {e}"));
         }
