@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -45,6 +47,9 @@ pub const FINALIZER: &str = "mailfleet.dev/sendingdomain";
 pub const DOMAIN_LABEL: &str = "mailfleet.dev/sendingdomain";
 /// Annotation on the key Secret: when the next selector was first seen verified.
 pub const NEXT_VERIFIED_AT: &str = "mailfleet.dev/next-verified-at";
+/// Condition type: the SPF record stays within SPF's 10 DNS lookups, includes followed, and
+/// every included domain has one SPF record.
+pub const CONDITION_SPF_VALID: &str = "SPFValid";
 const CONTROLLER: &str = "sendingdomain";
 /// Retirement delay of an old selector when the pool does not say (its max queue lifetime).
 const DEFAULT_RETENTION: Duration = Duration::from_secs(5 * 86_400);
@@ -90,6 +95,8 @@ pub struct Context {
     pub client: kube::Client,
     pub metrics: Arc<Metrics>,
     pub clock: Clock,
+    /// Who Events on SendingDomains say reported them (`kubectl describe` shows them).
+    pub reporter: Reporter,
     /// Since when each failing domain (`namespace/name`) fails, for backoff.
     failures: Mutex<HashMap<String, Instant>>,
 }
@@ -97,10 +104,35 @@ pub struct Context {
 impl Context {
     pub fn new(client: kube::Client, metrics: Arc<Metrics>) -> Context {
         Context {
+            reporter: Reporter::from("mailfleet-operator"),
             client,
             metrics,
             clock: Arc::new(Timestamp::now),
             failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Replaces who Events say reported them (by default `mailfleet-operator` on this host).
+    pub fn with_reporter(mut self, reporter: Reporter) -> Context {
+        self.reporter = reporter;
+        self
+    }
+
+    /// Publishes an Event about a domain; failures are logged, never fatal. Events are only
+    /// published when something changed, and each says what: a fresh Recorder per Event, since
+    /// a shared one folds a second Event of the same reason into the first as a series and
+    /// keeps the first one's note.
+    async fn event(&self, d: &SendingDomain, note: &Note) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        let ev = Event {
+            type_: note.type_,
+            reason: note.reason.to_string(),
+            note: Some(note.text.clone()),
+            action: "Reconcile".to_string(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &d.object_ref(&())).await {
+            tracing::debug!(domain = %key_of(d), error = %e, reason = note.reason, "cannot publish an event");
         }
     }
 
@@ -154,6 +186,48 @@ fn add(t: Timestamp, d: Duration) -> Timestamp {
 /// A condition's (status, reason, message).
 type Cond = (ConditionStatus, &'static str, String);
 
+/// An Event to publish once the reconcile's writes succeeded.
+#[derive(Clone, Debug)]
+struct Note {
+    type_: EventType,
+    reason: &'static str,
+    text: String,
+}
+
+impl Note {
+    fn normal(reason: &'static str, text: String) -> Note {
+        Note {
+            type_: EventType::Normal,
+            reason,
+            text,
+        }
+    }
+
+    fn warning(reason: &'static str, text: String) -> Note {
+        Note {
+            type_: EventType::Warning,
+            reason,
+            text,
+        }
+    }
+}
+
+/// Whether a condition changed from what the last status said (status, reason or message).
+fn changed(old: &[Condition], ty: &str, new: &Cond) -> bool {
+    old.iter()
+        .find(|c| c.type_ == ty)
+        .is_none_or(|c| c.status != new.0.as_str() || c.reason != new.1 || c.message != new.2)
+}
+
+/// Whether a condition turned True (it was absent or not True).
+fn became_true(old: &[Condition], ty: &str, new: &Cond) -> bool {
+    new.0 == ConditionStatus::True
+        && old
+            .iter()
+            .find(|c| c.type_ == ty)
+            .is_none_or(|c| c.status != ConditionStatus::True.as_str())
+}
+
 /// The keys to publish and what status says about them.
 struct Keys {
     secret: SecretKeys,
@@ -162,6 +236,8 @@ struct Keys {
     condition: Cond,
     /// When the next rotation step is due (to requeue in time).
     next_step: Option<Timestamp>,
+    /// What changed (generated, rotated, retired), for Events.
+    events: Vec<Note>,
 }
 
 /// Generated keys: create, rotate, retire; write the Secret when it changes.
@@ -190,6 +266,7 @@ async fn ensure_keys(
                     format!("the DKIM key Secret {name} (dkim.keySecretRef) does not exist"),
                 ),
                 next_step: None,
+                events: Vec::new(),
             });
         };
         let keys = SecretKeys::from_data(&secret_data(&secret), Some(&d.spec.dkim.selector_prefix));
@@ -216,6 +293,7 @@ async fn ensure_keys(
             last_rotation: status.last_rotation,
             condition,
             next_step: None,
+            events: Vec::new(),
         });
     }
 
@@ -231,6 +309,7 @@ async fn ensure_keys(
     let mut keys = before.clone();
     let mut last_rotation = status.last_rotation.clone();
     let mut next_step = None;
+    let mut events = Vec::new();
     let taken =
         |k: &SecretKeys| -> Vec<String> { k.published().map(|s| s.selector.clone()).collect() };
     let prefix = &d.spec.dkim.selector_prefix;
@@ -242,13 +321,18 @@ async fn ensure_keys(
     {
         let t = taken(&keys);
         let refs: Vec<&str> = t.iter().map(String::as_str).collect();
-        keys.active = Some(KeySet::generate(
-            &dkim::selector(prefix, now, &refs),
-            algorithm,
-        )?);
+        let selector = dkim::selector(prefix, now, &refs);
+        keys.active = Some(KeySet::generate(&selector, algorithm)?);
         keys.next = None;
         annotation = None;
         last_rotation = Some(Time(now));
+        events.push(Note::normal(
+            "KeyGenerated",
+            format!(
+                "generated the DKIM key(s) of selector {selector} in Secret {name}; the relays \
+                 sign with it"
+            ),
+        ));
     }
     let ttl = Duration::from_secs(u64::try_from(d.spec.dns.ttl).unwrap_or(300));
     let mut retiring: Vec<RetiringSelector> = Vec::new();
@@ -266,11 +350,16 @@ async fn ensure_keys(
             if now >= due {
                 let t = taken(&keys);
                 let refs: Vec<&str> = t.iter().map(String::as_str).collect();
-                keys.next = Some(KeySet::generate(
-                    &dkim::selector(prefix, now, &refs),
-                    algorithm,
-                )?);
+                let selector = dkim::selector(prefix, now, &refs);
+                keys.next = Some(KeySet::generate(&selector, algorithm)?);
                 annotation = None;
+                events.push(Note::normal(
+                    "RotationStarted",
+                    format!(
+                        "rotation due: publishing the new selector {selector}; the relays \
+                         switch to it once its record is verified"
+                    ),
+                ));
             } else {
                 next_step = Some(due);
             }
@@ -296,11 +385,21 @@ async fn ensure_keys(
                 (true, Some(at)) if now >= add(at, ttl) => {
                     // The switch: one write of the Secret; the relays' configuration follows
                     // it in one step.
+                    let new_selector = next.selector.clone();
                     if let Some(old) = keys.active.replace(next) {
                         keys.retiring.push(old.clone());
+                        let remove_after = add(now, retention);
+                        events.push(Note::normal(
+                            "KeyRotated",
+                            format!(
+                                "the relays now sign with selector {new_selector}; {} stays \
+                                 published until {remove_after} for mail still queued",
+                                old.selector
+                            ),
+                        ));
                         retiring.push(RetiringSelector {
                             selector: old.selector,
-                            remove_after: Time(add(now, retention)),
+                            remove_after: Time(remove_after),
                         });
                     }
                     keys.next = None;
@@ -321,6 +420,13 @@ async fn ensure_keys(
             .map(|r| r.remove_after.clone())
             .unwrap_or_else(|| Time(add(now, retention)));
         if now >= remove_after.0 {
+            events.push(Note::normal(
+                "SelectorRetired",
+                format!(
+                    "selector {} retired: its keys and records are removed (kept until {})",
+                    set.selector, remove_after.0
+                ),
+            ));
             continue;
         }
         next_step = Some(next_step.map_or(remove_after.0, |n: Timestamp| n.min(remove_after.0)));
@@ -395,6 +501,7 @@ async fn ensure_keys(
             format!("relays sign with selector {active} (keys in Secret {name})"),
         ),
         next_step,
+        events,
     })
 }
 
@@ -494,6 +601,8 @@ struct Published {
     /// Per desired record: written (or already there).
     published: Vec<bool>,
     condition: Cond,
+    /// What changed in DNS, when something did (for the RecordsPublished Event).
+    changes: Option<String>,
 }
 
 /// Plans against the server and applies the plan.
@@ -515,9 +624,29 @@ async fn publish_rfc2136(
         .await?;
     let p = plan::plan(domain, &key_of(d), desired, &current, &registry);
     provider.apply(&p).await?;
+    let mut changes = None;
     if !p.is_empty() {
         tracing::info!(domain = %key_of(d), create = p.create.len(), delete = p.delete.len(),
             server = %provider.server, "applied DNS changes");
+        // Registry entries go with their records: name the records only.
+        let list = |rs: &[Record]| -> Vec<String> {
+            rs.iter()
+                .filter(|r| r.name != plan::registry_name(domain))
+                .map(|r| format!("{} {}", r.name, r.record_type()))
+                .collect()
+        };
+        let (created, deleted) = (list(&p.create), list(&p.delete));
+        let mut text = format!("updated zone at {}:", provider.server);
+        if !created.is_empty() {
+            text.push_str(&format!(" wrote {}", created.join(", ")));
+        }
+        if !deleted.is_empty() {
+            if !created.is_empty() {
+                text.push(';');
+            }
+            text.push_str(&format!(" removed {}", deleted.join(", ")));
+        }
+        changes = Some(text);
     }
     let published = desired
         .iter()
@@ -553,7 +682,68 @@ async fn publish_rfc2136(
     Ok(Published {
         published,
         condition,
+        changes,
     })
+}
+
+/// The SPFValid condition: SPF's lookup limit with includes followed (asked of the
+/// verification servers, recursion desired). What makes receivers fail the record goes to
+/// `problems` too (the domain is not Ready); lookups that fail only make the count unknown.
+async fn spf_check(
+    d: &SendingDomain,
+    record: Option<&str>,
+    servers: &Result<Vec<SocketAddr>, String>,
+    problems: &mut Vec<String>,
+) -> Cond {
+    let Some(record) = record else {
+        return (
+            ConditionStatus::True,
+            "NotManaged",
+            "spf.managed is false: mailfleet publishes no SPF record".to_string(),
+        );
+    };
+    let domain = dns::normalize(&d.spec.domain);
+    let own = dns::spf::terms(record);
+    let count = if own.includes.is_empty() && own.redirect.is_none() {
+        dns::spf::count(&domain, record, &BTreeMap::new()).await
+    } else {
+        let resolver = servers
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|s| dns::verify::SpfResolver::new(s).map_err(|e| e.to_string()));
+        match resolver {
+            Ok(r) => dns::spf::count(&domain, record, &r).await,
+            Err(e) => {
+                return (
+                    ConditionStatus::Unknown,
+                    "NoResolver",
+                    format!("cannot follow the SPF includes: {e}"),
+                );
+            }
+        }
+    };
+    let summary = format!("the SPF record of {domain} {}", count.summary());
+    if !count.problems.is_empty() {
+        problems.extend(count.problems.iter().cloned());
+        let reason = if count.lookups > dns::spf::LOOKUP_LIMIT {
+            "TooManyLookups"
+        } else {
+            "InvalidInclude"
+        };
+        return (
+            ConditionStatus::False,
+            reason,
+            format!("{summary}; {}", count.problems.join("; ")),
+        );
+    }
+    if !count.unresolved.is_empty() {
+        return (
+            ConditionStatus::Unknown,
+            "LookupFailed",
+            format!("{summary}; not followed: {}", count.unresolved.join("; ")),
+        );
+    }
+    (ConditionStatus::True, "WithinLimit", summary)
 }
 
 async fn verify_servers(
@@ -683,6 +873,10 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
     let (addrs, pool_problem) = addresses(d, pool.as_ref());
 
     let keys = ensure_keys(d, ctx, retention).await?;
+    // The Secret is written: its changes happened whatever comes next.
+    for note in &keys.events {
+        ctx.event(d, note).await;
+    }
     let mut dkim_condition = keys.condition.clone();
     let mut pubkeys: Vec<DkimPublicKey> = Vec::new();
     for set in keys.secret.published() {
@@ -702,6 +896,7 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
             Err((reason, message)) => Published {
                 published: vec![false; desired.records.len()],
                 condition: (ConditionStatus::False, reason, message),
+                changes: None,
             },
             Ok(p) => {
                 let r = publish_rfc2136(d, &p, &desired.records).await;
@@ -711,6 +906,7 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
                     Err(e) => Published {
                         published: vec![false; desired.records.len()],
                         condition: (ConditionStatus::False, e.reason(), e.to_string()),
+                        changes: None,
                     },
                 }
             }
@@ -722,6 +918,7 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
                 "Manual",
                 "records are listed in status.records for a person to publish".to_string(),
             ),
+            changes: None,
         },
         DnsProvider::ExternalDns => {
             let doc = dns::externaldns::endpoint(
@@ -752,6 +949,7 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
                             desired.records.len()
                         ),
                     ),
+                    changes: None,
                 },
                 Err(kube::Error::Api(e)) if e.code == 404 => Published {
                     published: vec![false; desired.records.len()],
@@ -762,6 +960,7 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
                          install external-dns with its CRD source"
                             .to_string(),
                     ),
+                    changes: None,
                 },
                 Err(e) => return Err(e.into()),
             }
@@ -774,56 +973,58 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
         .iter()
         .map(|r| (r.name.clone(), r.record_type()))
         .collect();
-    let (verified, verify_condition): (Vec<bool>, Cond) =
-        match verify_servers(d, provider.as_ref()).await {
+    let servers = verify_servers(d, provider.as_ref()).await;
+    let (verified, verify_condition): (Vec<bool>, Cond) = match servers.clone() {
+        Err(e) => (
+            vec![false; desired.records.len()],
+            (ConditionStatus::Unknown, "InvalidNameserver", e),
+        ),
+        Ok(servers) => match dns::verify::served(&servers, &names).await {
             Err(e) => (
                 vec![false; desired.records.len()],
-                (ConditionStatus::Unknown, "InvalidNameserver", e),
-            ),
-            Ok(servers) => match dns::verify::served(&servers, &names).await {
-                Err(e) => (
-                    vec![false; desired.records.len()],
-                    (
-                        ConditionStatus::Unknown,
-                        "VerificationFailed",
-                        e.to_string(),
-                    ),
+                (
+                    ConditionStatus::Unknown,
+                    "VerificationFailed",
+                    e.to_string(),
                 ),
-                Ok(served) => {
-                    let v = dns::verify::verified(&desired.records, &served);
-                    let bad: Vec<String> = desired
-                        .records
-                        .iter()
-                        .zip(&v)
-                        .filter(|(_, ok)| !**ok)
-                        .map(|(r, _)| format!("{} {}", r.name, r.record_type()))
-                        .collect();
-                    let cond = if bad.is_empty() {
-                        (
-                            ConditionStatus::True,
-                            "Verified",
-                            format!(
-                                "{} record(s) served as desired by {servers:?}",
-                                desired.records.len()
-                            ),
-                        )
-                    } else {
-                        (
-                            ConditionStatus::False,
-                            "NotServed",
-                            format!(
-                                "{} of {} record(s) not served as desired by {servers:?}: {}",
-                                bad.len(),
-                                desired.records.len(),
-                                bad.join(", ")
-                            ),
-                        )
-                    };
-                    (v, cond)
-                }
-            },
-        };
+            ),
+            Ok(served) => {
+                let v = dns::verify::verified(&desired.records, &served);
+                let bad: Vec<String> = desired
+                    .records
+                    .iter()
+                    .zip(&v)
+                    .filter(|(_, ok)| !**ok)
+                    .map(|(r, _)| format!("{} {}", r.name, r.record_type()))
+                    .collect();
+                let cond = if bad.is_empty() {
+                    (
+                        ConditionStatus::True,
+                        "Verified",
+                        format!(
+                            "{} record(s) served as desired by {servers:?}",
+                            desired.records.len()
+                        ),
+                    )
+                } else {
+                    (
+                        ConditionStatus::False,
+                        "NotServed",
+                        format!(
+                            "{} of {} record(s) not served as desired by {servers:?}: {}",
+                            bad.len(),
+                            desired.records.len(),
+                            bad.join(", ")
+                        ),
+                    )
+                };
+                (v, cond)
+            }
+        },
+    };
+    let spf_condition = spf_check(d, desired.spf.as_deref(), &servers, &mut problems).await;
     let mut publish_condition = publish.condition;
+    let publish_result = publish_condition.clone();
     let mut published = publish.published;
     if d.spec.dns.provider == DnsProvider::Manual {
         // A person published them: what the servers serve is what is published.
@@ -832,11 +1033,12 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
     }
 
     // Status.
-    let mut conditions = d
+    let old_conditions = d
         .status
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
+    let mut conditions = old_conditions.clone();
     let t = Time(now);
     let set = |conds: &mut Vec<_>, ty: &str, c: &Cond| {
         set_condition(conds, ty, c.0, c.1, &c.2, generation, t.clone());
@@ -851,6 +1053,7 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
     set(&mut conditions, CONDITION_DKIM_READY, &dkim_condition);
     set(&mut conditions, CONDITION_DNS_PUBLISHED, &publish_condition);
     set(&mut conditions, CONDITION_DNS_VERIFIED, &verify_condition);
+    set(&mut conditions, CONDITION_SPF_VALID, &spf_condition);
     let all = [&dkim_condition, &publish_condition, &verify_condition];
     let ready = all.iter().all(|c| c.0 == ConditionStatus::True) && problems.is_empty();
     let ready_condition: Cond = if ready {
@@ -907,6 +1110,45 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
         &Patch::Apply(&doc),
     )
     .await?;
+
+    // Events for what changed, now that status says it.
+    let mut notes = Vec::new();
+    if let Some(changes) = publish.changes {
+        notes.push(Note::normal("RecordsPublished", changes));
+    } else if d.spec.dns.provider == DnsProvider::ExternalDns
+        && became_true(&old_conditions, CONDITION_DNS_PUBLISHED, &publish_result)
+    {
+        notes.push(Note::normal("RecordsPublished", publish_result.2.clone()));
+    }
+    if publish_result.0 == ConditionStatus::False
+        && changed(&old_conditions, CONDITION_DNS_PUBLISHED, &publish_result)
+    {
+        notes.push(Note::warning(
+            "PublishFailed",
+            format!("{}: {}", publish_result.1, publish_result.2),
+        ));
+    }
+    if became_true(&old_conditions, CONDITION_DNS_VERIFIED, &verify_condition) {
+        notes.push(Note::normal("DNSVerified", verify_condition.2.clone()));
+    } else if verify_condition.0 != ConditionStatus::True
+        && changed(&old_conditions, CONDITION_DNS_VERIFIED, &verify_condition)
+    {
+        notes.push(Note::warning(
+            "DNSVerificationFailed",
+            format!("{}: {}", verify_condition.1, verify_condition.2),
+        ));
+    }
+    if spf_condition.0 == ConditionStatus::False
+        && changed(&old_conditions, CONDITION_SPF_VALID, &spf_condition)
+    {
+        notes.push(Note::warning(
+            "SPFInvalid",
+            format!("{}: {}", spf_condition.1, spf_condition.2),
+        ));
+    }
+    for note in &notes {
+        ctx.event(d, note).await;
+    }
 
     let dns_ok =
         publish_condition.0 == ConditionStatus::True && verify_condition.0 == ConditionStatus::True;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
@@ -106,34 +107,42 @@ impl Knot {
         );
         let pid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         let knot = Knot { port, pid };
-        if !records.is_empty() {
-            let mut cmds = format!("server 127.0.0.1 {port}\nzone example.test\n");
-            for r in records {
-                cmds.push_str(&format!("update add {r}\n"));
-            }
-            cmds.push_str("send\n");
-            let mut child = Command::new(require("nsupdate"))
-                .args(["-y", &format!("hmac-sha256:update-key:{TSIG_SECRET}")])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(cmds.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "nsupdate: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let adds: Vec<String> = records.iter().map(|r| format!("add {r}")).collect();
+        knot.update(&adds.iter().map(String::as_str).collect::<Vec<_>>());
         knot
+    }
+
+    /// Sends nsupdate `update` lines (`add ...`, `delete ...`) to the zone, signed with the
+    /// test's TSIG key.
+    fn update(&self, lines: &[&str]) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut cmds = format!("server 127.0.0.1 {}\nzone example.test\n", self.port);
+        for l in lines {
+            cmds.push_str(&format!("update {l}\n"));
+        }
+        cmds.push_str("send\n");
+        let mut child = Command::new(require("nsupdate"))
+            .args(["-y", &format!("hmac-sha256:update-key:{TSIG_SECRET}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(cmds.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nsupdate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// The record values at `name` (TXT strings joined), as Knot serves them.
@@ -326,6 +335,34 @@ async fn setup(
     .await;
 }
 
+/// Notes of the Events about SendingDomain `name` with `reason`, oldest first.
+async fn events(client: &Client, name: &str, reason: &str) -> Vec<String> {
+    let api: Api<Event> = Api::namespaced(client.clone(), NS);
+    let mut evs: Vec<Event> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("SendingDomain")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .collect();
+    evs.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    evs.into_iter().filter_map(|e| e.note).collect()
+}
+
+/// Waits for an Event about `name` with `reason` and returns its notes.
+async fn wait_event(client: &Client, name: &str, reason: &str) -> Vec<String> {
+    eventually(60, &format!("a {reason} event about {name}"), async || {
+        let notes = events(client, name, reason).await;
+        (!notes.is_empty()).then_some(notes)
+    })
+    .await
+}
+
 fn condition(d: &SendingDomain, ty: &str) -> Option<(String, String, String)> {
     d.status
         .as_ref()?
@@ -363,7 +400,7 @@ async fn records_are_published_verified_and_removed_with_the_domain() {
     })
     .await;
     let status = d.status.clone().unwrap();
-    for c in ["DKIMReady", "DNSPublished", "Ready"] {
+    for c in ["DKIMReady", "DNSPublished", "SPFValid", "Ready"] {
         assert_eq!(
             condition(&d, c).unwrap().0,
             "True",
@@ -400,6 +437,29 @@ async fn records_are_published_verified_and_removed_with_the_domain() {
         status.records.iter().all(|r| r.published && r.verified),
         "{:?}",
         status.records
+    );
+    let (_, reason, message) = condition(&d, "SPFValid").unwrap();
+    assert_eq!(reason, "WithinLimit");
+    assert!(
+        message.contains("needs 0 of the 10 DNS lookups"),
+        "{message}"
+    );
+    // Events tell what happened.
+    let generated = wait_event(&env.client, "example", "KeyGenerated").await;
+    assert!(generated[0].contains(&selector), "{generated:?}");
+    let published = wait_event(&env.client, "example", "RecordsPublished").await;
+    assert!(
+        published[0].contains(&format!(
+            "wrote {selector}._domainkey.mail.example.test TXT"
+        )) && published[0].contains("_dmarc.mail.example.test TXT"),
+        "{published:?}"
+    );
+    let verified = wait_event(&env.client, "example", "DNSVerified").await;
+    assert!(verified[0].contains("6 record(s) served"), "{verified:?}");
+    assert!(
+        events(&env.client, "example", "PublishFailed")
+            .await
+            .is_empty()
     );
 
     // What Knot serves.
@@ -478,6 +538,21 @@ async fn records_are_published_verified_and_removed_with_the_domain() {
         1,
         "{apex:?}"
     );
+    let published = eventually(60, "a RecordsPublished event for the change", async || {
+        let notes = events(&env.client, "example", "RecordsPublished").await;
+        notes.into_iter().find(|n| n.contains("removed"))
+    })
+    .await;
+    // Both SPF records replaced, nothing else touched.
+    let (wrote, removed) = published.split_once("; removed ").unwrap();
+    for part in [wrote, &format!(" {removed}")] {
+        assert!(
+            part.contains(" mail.example.test TXT")
+                && part.contains("bounces.mail.example.test TXT"),
+            "{published}"
+        );
+        assert!(!part.contains("_domainkey"), "{published}");
+    }
 
     // Deleting the domain removes its records and keys, nothing else.
     domains
@@ -545,6 +620,14 @@ async fn a_wrong_tsig_key_is_explained_and_the_operator_keeps_running() {
     assert!(d.status.unwrap().records.iter().all(|r| !r.published));
     assert!(knot.query("bad.example.test", "TXT").is_empty());
     assert!(!op.task.is_finished(), "the operator stopped");
+    let failed = wait_event(&env.client, "bad", "PublishFailed").await;
+    assert!(
+        failed[0].starts_with("TSIGRejected: ") && failed[0].contains("update-key"),
+        "{failed:?}"
+    );
+    let unverified = wait_event(&env.client, "bad", "DNSVerificationFailed").await;
+    assert!(unverified[0].starts_with("NotServed: "), "{unverified:?}");
+    assert!(events(&env.client, "bad", "DNSVerified").await.is_empty());
 
     // The right secret: watched, so it takes effect at once, not at the next backoff retry.
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
@@ -564,6 +647,8 @@ async fn a_wrong_tsig_key_is_explained_and_the_operator_keeps_running() {
     })
     .await;
     assert!(!knot.query("bad.example.test", "TXT").is_empty());
+    wait_event(&env.client, "bad", "RecordsPublished").await;
+    wait_event(&env.client, "bad", "DNSVerified").await;
     op.stop().await;
 }
 
@@ -650,6 +735,9 @@ async fn dkim_rotation_follows_the_injected_clock() {
         d.status.unwrap().next_selector.as_deref(),
         Some("mf-20260102")
     );
+    let started = wait_event(&env.client, "rot", "RotationStarted").await;
+    assert!(started[0].contains("mf-20260102"), "{started:?}");
+    assert!(events(&env.client, "rot", "KeyRotated").await.is_empty());
     assert_eq!(selector_in_secret().await, "mf-20260101");
     eventually(60, "the next selector in DNS", async || {
         (!knot
@@ -670,6 +758,17 @@ async fn dkim_rotation_follows_the_injected_clock() {
     assert_eq!(status.retiring_selectors.len(), 1);
     assert_eq!(status.retiring_selectors[0].selector, "mf-20260101");
     assert_eq!(selector_in_secret().await, "mf-20260102");
+    let rotated = wait_event(&env.client, "rot", "KeyRotated").await;
+    assert_eq!(rotated.len(), 1, "{rotated:?}");
+    assert!(
+        rotated[0].contains("now sign with selector mf-20260102; mf-20260101 stays published"),
+        "{rotated:?}"
+    );
+    assert!(
+        events(&env.client, "rot", "SelectorRetired")
+            .await
+            .is_empty()
+    );
     // The old selector stays published for the pool's longest queue time.
     assert!(
         !knot
@@ -685,6 +784,11 @@ async fn dkim_rotation_follows_the_injected_clock() {
     .await;
     let d = domains.get("rot").await.unwrap();
     assert!(d.status.unwrap().retiring_selectors.is_empty());
+    let retired = wait_event(&env.client, "rot", "SelectorRetired").await;
+    assert!(
+        retired[0].contains("selector mf-20260101 retired"),
+        "{retired:?}"
+    );
     assert!(
         !knot
             .query("mf-20260102._domainkey.rot.example.test", "TXT")
@@ -746,6 +850,16 @@ async fn external_dns_gets_a_dnsendpoint_and_verification_follows_the_zone() {
     })
     .await;
     assert_eq!(condition(&d, "DNSPublished").unwrap().0, "True");
+    let written = wait_event(&env.client, "ext", "RecordsPublished").await;
+    assert!(
+        written[0].contains("DNSEndpoint ext holds 6 record(s)"),
+        "{written:?}"
+    );
+    let why = wait_event(&env.client, "ext", "DNSVerificationFailed").await;
+    assert!(
+        why[0].starts_with("NotServed: 6 of 6 record(s) not served"),
+        "{why:?}"
+    );
 
     // Play external-dns: publish the endpoint's records in the zone.
     let mut cmds = format!("server 127.0.0.1 {}\nzone example.test\n", knot.port);
@@ -811,6 +925,7 @@ async fn external_dns_gets_a_dnsendpoint_and_verification_follows_the_zone() {
             .iter()
             .all(|r| r.published && r.verified)
     );
+    wait_event(&env.client, "ext", "DNSVerified").await;
 
     domains
         .delete("ext", &DeleteParams::default())
@@ -853,6 +968,8 @@ async fn dns_down_is_explained_and_retried_until_it_is_back() {
     let d = domains.get("down").await.unwrap();
     // Keys do not wait for DNS.
     assert_eq!(condition(&d, "DKIMReady").unwrap().0, "True");
+    let failed = wait_event(&env.client, "down", "PublishFailed").await;
+    assert!(failed[0].starts_with("DNSUnreachable: "), "{failed:?}");
     assert_eq!(condition(&d, "Ready").unwrap().0, "False");
     // The server comes up: a retry publishes and verifies, with nobody touching the domain.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -863,5 +980,190 @@ async fn dns_down_is_explained_and_retried_until_it_is_back() {
     })
     .await;
     assert!(!knot.query("down.example.test", "TXT").is_empty());
+    op.stop().await;
+}
+
+/// SPF include chains served by Knot: what a receiver would look up.
+const SPF_CHAIN: [&str; 3] = [
+    r#"_spf.a.example.test. 60 TXT "v=spf1 include:_spf.c.example.test a mx -all""#,
+    r#"_spf.c.example.test. 60 TXT "v=spf1 ip4:127.0.8.0/24 exists:%{i}.x.example.test ~all""#,
+    r#"_spf.b.example.test. 60 TXT "v=spf1 ptr -all""#,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spf_includes_are_followed_at_the_server() {
+    use mailfleet_operator::dns::spf::count;
+    use mailfleet_operator::dns::verify::SpfResolver;
+    let dir = tempfile::tempdir().unwrap();
+    let knot = Knot::start(dir.path(), &SPF_CHAIN);
+    let resolver = SpfResolver::new(&[SocketAddr::from(([127, 0, 0, 1], knot.port))]).unwrap();
+    let c = count(
+        "d.example.test",
+        "v=spf1 ip4:127.0.0.1 include:_spf.a.example.test include:_spf.b.example.test -all",
+        &resolver,
+    )
+    .await;
+    // Own: 2 includes. _spf.a: include, a, mx; _spf.c under it: exists. _spf.b: ptr.
+    assert_eq!(c.lookups, 7, "{c:?}");
+    assert_eq!(
+        c.per_term,
+        [
+            ("include:_spf.a.example.test".to_string(), 5),
+            ("include:_spf.b.example.test".to_string(), 2)
+        ]
+    );
+    assert!(
+        c.problems.is_empty() && c.unresolved.is_empty() && c.complete,
+        "{c:?}"
+    );
+
+    // A chain that grows past 10, an include with no SPF record, a loop, and a zone the
+    // server does not serve (REFUSED: unknown, not a verdict).
+    knot.update(&[
+        r#"add _spf.big.example.test. 60 TXT "v=spf1 a mx ptr exists:y.example.test include:_spf.a.example.test include:_spf.b.example.test -all""#,
+        r#"add _spf.none.example.test. 60 TXT "not spf""#,
+        r#"add _spf.loop.example.test. 60 TXT "v=spf1 include:_spf.loop2.example.test -all""#,
+        r#"add _spf.loop2.example.test. 60 TXT "v=spf1 include:_spf.loop.example.test -all""#,
+    ]);
+    let c = count(
+        "d.example.test",
+        "v=spf1 include:_spf.a.example.test include:_spf.big.example.test -all",
+        &resolver,
+    )
+    .await;
+    assert!(c.lookups > 10, "{c:?}");
+    assert!(
+        c.problems[0].contains("more than the 10 SPF allows"),
+        "{c:?}"
+    );
+    let c = count(
+        "d.example.test",
+        "v=spf1 include:_spf.none.example.test include:_spf.loop.example.test -all",
+        &resolver,
+    )
+    .await;
+    let all = c.problems.join("\n");
+    assert!(
+        all.contains("_spf.none.example.test (an SPF include of d.example.test) has no SPF record"),
+        "{all}"
+    );
+    assert!(
+        all.contains("loop: d.example.test → _spf.loop.example.test → _spf.loop2.example.test → _spf.loop.example.test"),
+        "{all}"
+    );
+    let c = count(
+        "d.example.test",
+        "v=spf1 include:_spf.elsewhere.test -all",
+        &resolver,
+    )
+    .await;
+    assert!(c.problems.is_empty(), "{c:?}");
+    assert_eq!(c.unresolved.len(), 1, "{c:?}");
+    assert!(c.unresolved[0].contains("_spf.elsewhere.test"), "{c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spf_lookup_count_with_includes_is_in_status() {
+    let env = env().await;
+    let knot = Knot::start(env.dir.path(), &SPF_CHAIN);
+    let op = start_operator(&env.client);
+    setup(
+        &env.client,
+        knot.port,
+        TSIG_SECRET,
+        "inc",
+        "inc.example.test",
+        json!({"spf": {"includes": ["_spf.a.example.test", "_spf.b.example.test"]}}),
+    )
+    .await;
+    let domains: Api<SendingDomain> = Api::namespaced(env.client.clone(), NS);
+    let d = eventually(60, "Ready=True", async || {
+        let d = domains.get("inc").await.ok()?;
+        (condition(&d, "Ready")?.0 == "True").then_some(d)
+    })
+    .await;
+    assert_eq!(
+        condition(&d, "SPFValid").unwrap(),
+        (
+            "True".to_string(),
+            "WithinLimit".to_string(),
+            "the SPF record of inc.example.test needs 7 of the 10 DNS lookups SPF allows \
+             (include:_spf.a.example.test: 5, include:_spf.b.example.test: 2)"
+                .to_string()
+        )
+    );
+
+    // An included record grows: the domain's own record is unchanged, yet it now fails at
+    // receivers. A poke stands for the periodic resync.
+    knot.update(&[
+        "delete _spf.b.example.test. TXT",
+        r#"add _spf.b.example.test. 60 TXT "v=spf1 a mx ptr exists:y.example.test include:_spf.c.example.test -all""#,
+    ]);
+    let poke = async |n: &str| {
+        domains
+            .patch(
+                "inc",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"test/poke": n}}})),
+            )
+            .await
+            .unwrap();
+    };
+    poke("1").await;
+    let d = eventually(60, "SPFValid=False", async || {
+        let d = domains.get("inc").await.ok()?;
+        (condition(&d, "SPFValid")?.0 == "False").then_some(d)
+    })
+    .await;
+    let (_, reason, message) = condition(&d, "SPFValid").unwrap();
+    assert_eq!(reason, "TooManyLookups");
+    assert!(message.contains("more than the 10 SPF allows"), "{message}");
+    assert_eq!(condition(&d, "Ready").unwrap().0, "False");
+    let (_, reason, _) = condition(&d, "DNSPublished").unwrap();
+    assert_eq!(reason, "InvalidRecords");
+    let why = wait_event(&env.client, "inc", "SPFInvalid").await;
+    assert!(why[0].starts_with("TooManyLookups: "), "{why:?}");
+
+    // An include without an SPF record fails receivers too.
+    domains
+        .patch(
+            "inc",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"spf": {"includes": ["_spf.a.example.test", "_spf.gone.example.test"]}}})),
+        )
+        .await
+        .unwrap();
+    let d = eventually(60, "SPFValid=False, InvalidInclude", async || {
+        let d = domains.get("inc").await.ok()?;
+        (condition(&d, "SPFValid")?.1 == "InvalidInclude").then_some(d)
+    })
+    .await;
+    let (_, _, message) = condition(&d, "SPFValid").unwrap();
+    assert!(
+        message.contains(
+            "_spf.gone.example.test (an SPF include of inc.example.test) has no SPF record"
+        ),
+        "{message}"
+    );
+
+    // An include the server cannot answer for: the count is unknown, the domain stays Ready.
+    domains
+        .patch(
+            "inc",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"spf": {"includes": ["_spf.a.example.test", "_spf.elsewhere.test"]}}})),
+        )
+        .await
+        .unwrap();
+    let d = eventually(60, "SPFValid=Unknown", async || {
+        let d = domains.get("inc").await.ok()?;
+        (condition(&d, "SPFValid")?.0 == "Unknown" && condition(&d, "Ready")?.0 == "True")
+            .then_some(d)
+    })
+    .await;
+    let (_, reason, message) = condition(&d, "SPFValid").unwrap();
+    assert_eq!(reason, "LookupFailed");
+    assert!(message.contains("needs at least 6 of the 10"), "{message}");
+    assert!(message.contains("_spf.elsewhere.test"), "{message}");
     op.stop().await;
 }

@@ -2,17 +2,14 @@
 //! domain and its return-path subdomain, DMARC, MX of the return-path subdomain.
 //!
 //! Input is parsed values (spec, addresses, public keys); output is [`Desired`]: records plus
-//! the problems that keep some of them from being valid (an SPF record over the 10-lookup
-//! limit is still listed, so status shows it, but reported).
+//! the problems that keep some of them from being valid. SPF's lookup limit needs DNS (the
+//! included records count too): [`super::spf`] checks the SPF record this returns.
 
 use std::net::IpAddr;
 
 use mailfleet_api::sendingdomain::{Alignment, DmarcPolicy, SendingDomainSpec, SpfQualifier};
 
 use super::Record;
-
-/// SPF's limit of DNS-querying mechanisms (RFC 7208 §4.6.4).
-pub const SPF_LOOKUP_LIMIT: usize = 10;
 
 /// Key algorithm of a DKIM public key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +45,8 @@ impl DkimPublicKey {
 pub struct Desired {
     pub records: Vec<Record>,
     pub problems: Vec<String>,
+    /// The SPF record (at the domain and at its return-path subdomain), when managed.
+    pub spf: Option<String>,
 }
 
 /// The return-path (bounce) domain of a SendingDomain.
@@ -72,13 +71,6 @@ pub fn desired(spec: &SendingDomainSpec, addresses: &[IpAddr], keys: &[DkimPubli
     }
     if spec.spf.managed {
         let text = spf_record(addresses, &spec.spf.includes, spec.spf.qualifier);
-        let lookups = spf_lookups(&text);
-        if lookups > SPF_LOOKUP_LIMIT {
-            out.problems.push(format!(
-                "the SPF record needs {lookups} DNS lookups, more than the {SPF_LOOKUP_LIMIT} SPF allows: \
-                 receivers will fail it (permerror); remove includes"
-            ));
-        }
         if addresses.is_empty() {
             out.problems
                 .push("the relay pool has no egress addresses yet: SPF lists none".to_string());
@@ -86,6 +78,7 @@ pub fn desired(spec: &SendingDomainSpec, addresses: &[IpAddr], keys: &[DkimPubli
         out.records.push(Record::txt(&domain, &text));
         out.records
             .push(Record::txt(&return_path_domain(spec), &text));
+        out.spf = Some(text);
     }
     for mx in &spec.spf.return_path_mx {
         out.records.push(Record::mx(
@@ -127,19 +120,9 @@ pub fn spf_record(addresses: &[IpAddr], includes: &[String], qualifier: SpfQuali
 }
 
 /// DNS-querying terms of one SPF record (`include`, `a`, `mx`, `ptr`, `exists`, `redirect`),
-/// not following includes: each include costs at least one lookup.
+/// not following includes (each costs at least one lookup); [`super::spf::count`] follows them.
 pub fn spf_lookups(record: &str) -> usize {
-    record
-        .split_ascii_whitespace()
-        .skip(1)
-        .filter(|term| {
-            let t = term
-                .trim_start_matches(['+', '-', '~', '?'])
-                .to_ascii_lowercase();
-            let mech = t.split([':', '/', '=']).next().unwrap_or("");
-            matches!(mech, "include" | "a" | "mx" | "ptr" | "exists" | "redirect")
-        })
-        .count()
+    super::spf::terms(record).lookups
 }
 
 fn policy(p: DmarcPolicy) -> &'static str {
@@ -282,7 +265,7 @@ mod tests {
         let mut s = spec(serde_json::json!({}));
         s.spf.includes = many;
         let d = desired(&s, &ips(&["127.0.0.1"]), &[]);
-        assert!(d.problems[0].contains("11 DNS lookups"), "{:?}", d.problems);
+        assert_eq!(d.spf.as_deref(), Some(text.as_str()));
     }
 
     #[test]

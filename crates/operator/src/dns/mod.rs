@@ -12,6 +12,7 @@ pub mod desired;
 pub mod externaldns;
 pub mod plan;
 pub mod rfc2136;
+pub mod spf;
 pub mod verify;
 
 use std::fmt;

@@ -5,6 +5,7 @@
 //! now, not as it was when a negative answer was cached.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RecordType as HType;
 
 use super::plan::contradicts;
-use super::{Record, RecordType};
+use super::spf::TxtSource;
+use super::{Record, RecordData, RecordType};
 
 /// Errors of verification.
 #[derive(Debug, thiserror::Error)]
@@ -35,11 +37,10 @@ pub enum VerifyError {
     },
 }
 
-/// Asks `servers` (authoritative, no recursion needed) for the records at `names`.
-pub async fn served(
-    servers: &[SocketAddr],
-    names: &BTreeSet<(String, RecordType)>,
-) -> Result<Vec<Record>, VerifyError> {
+/// A resolver asking `servers` only, caching nothing. `recursion` sets the RD bit (needed
+/// when a server is a recursive resolver asked about other zones; authoritative servers
+/// ignore it).
+fn resolver(servers: &[SocketAddr], recursion: bool) -> Result<TokioResolver, VerifyError> {
     if servers.is_empty() {
         return Err(VerifyError::NoServers);
     }
@@ -59,11 +60,19 @@ pub async fn served(
     builder.options_mut().attempts = 1;
     builder.options_mut().ndots = 0;
     builder.options_mut().cache_size = 0;
-    builder.options_mut().recursion_desired = false;
-    let resolver = builder.build().map_err(|e| VerifyError::Resolver {
+    builder.options_mut().recursion_desired = recursion;
+    builder.build().map_err(|e| VerifyError::Resolver {
         servers: servers.to_vec(),
         reason: e.to_string(),
-    })?;
+    })
+}
+
+/// Asks `servers` (authoritative, no recursion needed) for the records at `names`.
+pub async fn served(
+    servers: &[SocketAddr],
+    names: &BTreeSet<(String, RecordType)>,
+) -> Result<Vec<Record>, VerifyError> {
+    let resolver = resolver(servers, false)?;
     let mut out = Vec::new();
     for (name, t) in names {
         let qtype = match t {
@@ -96,6 +105,44 @@ pub async fn served(
         }
     }
     Ok(out)
+}
+
+/// TXT lookups for [`super::spf::count`]: the records an SPF include pulls in, asked of
+/// `servers` with recursion desired (an included domain is usually in another zone).
+pub struct SpfResolver {
+    servers: Vec<SocketAddr>,
+    resolver: TokioResolver,
+}
+
+impl SpfResolver {
+    pub fn new(servers: &[SocketAddr]) -> Result<SpfResolver, VerifyError> {
+        Ok(SpfResolver {
+            servers: servers.to_vec(),
+            resolver: resolver(servers, true)?,
+        })
+    }
+}
+
+impl TxtSource for SpfResolver {
+    fn txt(&self, name: &str) -> impl Future<Output = Result<Vec<String>, String>> + Send {
+        let query = format!("{}.", super::normalize(name));
+        let servers = self.servers.clone();
+        let resolver = self.resolver.clone();
+        async move {
+            match resolver.lookup(query.as_str(), HType::TXT).await {
+                Ok(lookup) => Ok(lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match super::rfc2136::from_hickory(&r.data) {
+                        Some(RecordData::Txt(parts)) => Some(parts.concat()),
+                        _ => None,
+                    })
+                    .collect()),
+                Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(Vec::new()),
+                Err(e) => Err(format!("cannot look up {query} TXT at {servers:?}: {e}")),
+            }
+        }
+    }
 }
 
 /// Per desired record: served exactly, with nothing contradicting it at the same name (a
