@@ -1,0 +1,418 @@
+//! DNS authentication end to end, checked by implementations independent of mailfleet: on
+//! devcluster, `mailfleet operator` (a process) publishes a SendingDomain's records in Knot
+//! (RFC 2136 with TSIG) and verifies them; a relay (a `mailfleet relay` process) sends mail
+//! to the sink; then hack/dnsauth-verify.py, asking only the Knot server this test started,
+//! verifies the received message's DKIM signatures with dkimpy (public keys from Knot),
+//! evaluates SPF with pyspf for the address the sink saw (pass) and for another one (fail, as
+//! `-all` says), parses the DMARC record and computes DMARC with authheaders (pass). Deleting
+//! the domain removes its records, and the same message then fails.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../../relay/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Knot, Proc, Sink, TSIG, free_port, header, repo_root, require};
+use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+use serde_json::Value;
+
+fn kubectl_bin() -> PathBuf {
+    std::env::var_os("KUBECTL")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| {
+            let local = repo_root().join("bin/kubectl");
+            if local.is_file() {
+                local
+            } else {
+                require("kubectl")
+            }
+        })
+}
+
+struct Kubectl {
+    kubeconfig: PathBuf,
+    home: PathBuf,
+}
+
+impl Kubectl {
+    fn ok(&self, args: &[&str]) -> String {
+        let out = Command::new(kubectl_bin())
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.home)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "kubectl {args:?} failed: {text}");
+        text
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+}
+
+/// The Python with the independent verifiers (hack/requirements-test.txt).
+fn verifier_python() -> PathBuf {
+    let p = std::env::var_os("MAILFLEET_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    let ok = Command::new(&p)
+        .args([
+            "-c",
+            "import aiosmtpd, dkim, nacl, spf, authheaders, dns.resolver",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "this test needs a Python with aiosmtpd, dkimpy, pynacl, pyspf, authheaders and dnspython \
+         at {} (or MAILFLEET_PYTHON): run hack/install-test-deps.sh",
+        p.display()
+    );
+    p
+}
+
+/// Runs hack/dnsauth-verify.py against the Knot server at `dns`; returns its JSON answer.
+fn verify(dns: u16, args: &[&str]) -> Value {
+    let out = Command::new(verifier_python())
+        .arg(repo_root().join("hack/dnsauth-verify.py"))
+        .args(["--dns", &format!("127.0.0.1:{dns}")])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dnsauth-verify.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn operator(kubeconfig: &Path, log: &Path, coordinator: u16, health: u16) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mailfleet"))
+        .args([
+            "operator",
+            &format!("--coordinator-addr=127.0.0.1:{coordinator}"),
+            &format!("--coordinator-url=https://127.0.0.1:{coordinator}"),
+            &format!("--metrics-addr=127.0.0.1:{health}"),
+            &format!("--health-addr=127.0.0.1:{health}"),
+            "--namespace=mailfleet-system",
+            "--identity=op-1",
+            "--relay-image=example.invalid/mailfleet:test",
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn condition(obj: &Value, type_: &str) -> Option<String> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str())
+        .map(str::to_string)
+}
+
+#[test]
+fn mail_passes_dkim_spf_and_dmarc_checked_against_the_published_zone() {
+    verifier_python();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let sink = Sink::start(root, &[]);
+    let knot = Knot::start(
+        root,
+        &[
+            "dest.example.test. 60 MX 10 mx.example.test.",
+            "mx.example.test. 60 A 127.0.0.1",
+        ],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = Config::new(root.join("cluster"));
+    config.runner = Some(RunnerConfig {
+        relay_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_mailfleet"))),
+        ..RunnerConfig::default()
+    });
+    let dc = rt.block_on(DevCluster::start(config)).unwrap();
+    let k = Kubectl {
+        kubeconfig: dc.kubeconfig.clone(),
+        home: root.to_path_buf(),
+    };
+    k.ok(&["apply", "-f", repo_root().join("crds").to_str().unwrap()]);
+    k.ok(&["create", "namespace", "mailfleet-system"]);
+    k.ok(&["create", "namespace", "mail"]);
+    // The TSIG key Knot accepts updates with (hmac-sha256:update-key:<secret>).
+    let tsig_secret = TSIG.rsplit(':').next().unwrap();
+    k.ok(&[
+        "-n",
+        "mail",
+        "create",
+        "secret",
+        "generic",
+        "dns-tsig",
+        &format!("--from-literal=secret={tsig_secret}"),
+    ]);
+
+    // The pool starts with no relay: the first relay then starts with the domain's key in its
+    // configuration, so the first message is signed without racing the key's arrival.
+    let smtp_port = free_port();
+    let coordinator = free_port();
+    let health = free_port();
+    let manifests = format!(
+        r#"apiVersion: mailfleet.dev/v1alpha1
+kind: RelayPool
+metadata:
+  name: transactional
+  namespace: mail
+spec:
+  replicas: 0
+  egress:
+    cidrs: ["127.0.4.0/30"]
+    heloNameTemplate: "mta-{{ip}}.relay.example.test"
+  listener:
+    port: {smtp_port}
+    allowedNetworks: ["127.0.0.0/8"]
+  delivery:
+    retrySchedule: ["1s"]
+    destinationPort: {sink_port}
+    nameservers: ["127.0.0.1:{knot_port}"]
+---
+apiVersion: mailfleet.dev/v1alpha1
+kind: SendingDomain
+metadata:
+  name: mail-example-test
+  namespace: mail
+spec:
+  domain: mail.example.test
+  relayPoolRef:
+    name: transactional
+  dkim:
+    algorithm: dual
+  dmarc:
+    policy: reject
+    rua: ["mailto:dmarc@example.test"]
+  dns:
+    provider: rfc2136
+    ttl: 30
+    rfc2136:
+      server: "127.0.0.1:{knot_port}"
+      zone: example.test
+      tsigKeyName: update-key
+      tsigSecretRef:
+        name: dns-tsig
+"#,
+        sink_port = sink.port,
+        knot_port = knot.port,
+    );
+    let manifest_path = root.join("dnsauth.yaml");
+    std::fs::write(&manifest_path, manifests).unwrap();
+    k.ok(&["apply", "-f", manifest_path.to_str().unwrap()]);
+
+    let op_log = root.join("operator.log");
+    let _op = operator(&dc.kubeconfig, &op_log, coordinator, health);
+    let log = || std::fs::read_to_string(&op_log).unwrap_or_default();
+
+    let domain = eventually(120, "the SendingDomain Ready and DNSVerified", || {
+        let d = k.json(&["-n", "mail", "get", "sendingdomain", "mail-example-test"]);
+        (condition(&d, "DNSVerified").as_deref() == Some("True")
+            && condition(&d, "Ready").as_deref() == Some("True"))
+        .then_some(d)
+    });
+    let selector = domain["status"]["activeSelector"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let table = k.ok(&["-n", "mail", "get", "sendingdomains"]);
+    assert!(table.contains(&selector), "{table}");
+
+    k.ok(&[
+        "-n",
+        "mail",
+        "patch",
+        "relaypool",
+        "transactional",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":1}}"#,
+    ]);
+    eventually(120, "one ready relay", || {
+        let p = k.json(&["-n", "mail", "get", "relaypool", "transactional"]);
+        (p["status"]["readyReplicas"].as_u64() == Some(1)
+            && condition(&p, "Ready").as_deref() == Some("True"))
+        .then_some(())
+    });
+    let ip = eventually(30, "the relay's pod IP", || {
+        let p = k.json(&["-n", "mail", "get", "pod", "transactional-0"]);
+        p["status"]["podIP"].as_str().map(str::to_string)
+    });
+
+    let out = Command::new(require("swaks"))
+        .args(["--server", &ip, "--port", &smtp_port.to_string()])
+        .args([
+            "--from",
+            "app@mail.example.test",
+            "--to",
+            "user@dest.example.test",
+        ])
+        .args([
+            "--h-From",
+            "App <app@mail.example.test>",
+            "--h-Subject",
+            "dns authentication",
+        ])
+        .args(["--ehlo", "app.example.test"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "swaks: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let msgs = sink.wait_for(1, 60);
+    assert_eq!(msgs.len(), 1, "operator log:\n{}", log());
+    let (path, msg) = &msgs[0];
+    let path = path.to_str().unwrap();
+    let peer = header(msg, "X-Sink-Peer").unwrap().to_string();
+    let helo = header(msg, "X-Sink-Helo").unwrap().to_string();
+    let mail_from = header(msg, "X-Sink-From").unwrap().to_string();
+    assert!(
+        ["127.0.4.1", "127.0.4.2"].contains(&peer.as_str()),
+        "mail left from {peer}, not a pool address"
+    );
+
+    // DKIM: both signatures verify with the keys Knot serves.
+    let dkim = verify(knot.port, &["dkim", path]);
+    let mut sigs: Vec<(String, String, String, bool)> = dkim["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["a"].as_str().unwrap().to_string(),
+                s["s"].as_str().unwrap().to_string(),
+                s["d"].as_str().unwrap().to_string(),
+                s["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    sigs.sort();
+    assert_eq!(
+        sigs,
+        vec![
+            (
+                "ed25519-sha256".to_string(),
+                format!("{selector}-ed"),
+                "mail.example.test".to_string(),
+                true
+            ),
+            (
+                "rsa-sha256".to_string(),
+                selector.clone(),
+                "mail.example.test".to_string(),
+                true
+            ),
+        ],
+        "{dkim}"
+    );
+    // The verifier can say no: a changed Subject (a signed header) fails both.
+    let tampered = root.join("tampered.eml");
+    std::fs::write(&tampered, msg.replace("dns authentication", "changed")).unwrap();
+    let bad = verify(knot.port, &["dkim", tampered.to_str().unwrap()]);
+    assert!(
+        bad["signatures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["ok"] == false),
+        "{bad}"
+    );
+
+    // SPF for the envelope sender the sink saw, and for the return-path domain: the source
+    // address passes; any other address fails (the record ends in -all).
+    let return_path = "bounce@bounces.mail.example.test";
+    for sender in [mail_from.as_str(), return_path] {
+        let spf = verify(knot.port, &["spf", &peer, sender, &helo]);
+        assert_eq!(spf["result"], "pass", "{sender} from {peer}: {spf}");
+        let spf = verify(knot.port, &["spf", "127.0.99.9", sender, &helo]);
+        assert_eq!(spf["result"], "fail", "{sender} from 127.0.99.9: {spf}");
+    }
+
+    // DMARC: the record parses, and the message passes it (aligned DKIM and SPF).
+    let dmarc = verify(knot.port, &["dmarc", "mail.example.test"]);
+    assert_eq!(dmarc["record"]["v"], "DMARC1", "{dmarc}");
+    assert_eq!(dmarc["record"]["p"], "reject", "{dmarc}");
+    assert_eq!(
+        dmarc["record"]["rua"], "mailto:dmarc@example.test",
+        "{dmarc}"
+    );
+    let auth = verify(knot.port, &["auth", path, &peer, &mail_from, &helo]);
+    let ar = auth["header"].as_str().unwrap();
+    for want in [
+        "spf=pass",
+        "dkim=pass header.d=mail.example.test",
+        "dmarc=pass",
+        "header.from=mail.example.test policy.dmarc=reject",
+    ] {
+        assert!(ar.contains(want), "{want} missing: {ar}");
+    }
+    assert!(!ar.contains("dkim=fail"), "{ar}");
+
+    // Without the domain its records are gone: the same message no longer verifies.
+    k.ok(&["-n", "mail", "delete", "sendingdomain", "mail-example-test"]);
+    eventually(60, "the SendingDomain gone", || {
+        let list = k.json(&["-n", "mail", "get", "sendingdomains"]);
+        list["items"].as_array().unwrap().is_empty().then_some(())
+    });
+    let gone = verify(knot.port, &["dkim", path]);
+    assert!(
+        gone["signatures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["ok"] == false),
+        "{gone}"
+    );
+    let spf = verify(knot.port, &["spf", &peer, &mail_from, &helo]);
+    assert_eq!(spf["result"], "none", "{spf}");
+    let auth = verify(knot.port, &["auth", path, &peer, &mail_from, &helo]);
+    let ar = auth["header"].as_str().unwrap();
+    assert!(!ar.contains("dmarc=pass"), "{ar}");
+
+    rt.block_on(dc.shutdown());
+}
