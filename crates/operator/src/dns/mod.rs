@@ -6,7 +6,8 @@
 //! decides the changes, touching only records mailfleet created (pure, with an ownership
 //! registry); a provider ([`rfc2136`]; [`externaldns`], whose DNSEndpoint external-dns
 //! publishes with its own ownership; none for `manual`) applies it; [`verify`] asks
-//! the authoritative servers what they serve.
+//! the authoritative servers what they serve; [`spf`] counts the SPF record's DNS lookups
+//! with its includes followed.
 
 pub mod desired;
 pub mod externaldns;
