@@ -4,9 +4,10 @@
 //!
 //! One reconcile is a pipeline: read the pool and the key Secret (async) → keys (generate or
 //! rotate, then apply the Secret) → desired records ([`dns::desired`], pure) → plan against
-//! the provider ([`dns::plan`], pure) and apply it → verify ([`dns::verify`]) → status. DNS
-//! trouble never fails the reconcile: it is told in conditions and retried with backoff, and
-//! nothing else (the relays' signing, other domains) stops.
+//! the provider ([`dns::plan`], pure) and apply it → verify ([`dns::verify`]) → SPF lookups
+//! with includes followed ([`dns::spf`]) → status → Events for what changed. DNS trouble
+//! never fails the reconcile: it is told in conditions and Events and retried with backoff,
+//! and nothing else (the relays' signing, other domains) stops.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -637,6 +638,9 @@ async fn publish_rfc2136(
         };
         let (created, deleted) = (list(&p.create), list(&p.delete));
         let mut text = format!("updated zone at {}:", provider.server);
+        if created.is_empty() && deleted.is_empty() {
+            text.push_str(" ownership registry entries only");
+        }
         if !created.is_empty() {
             text.push_str(&format!(" wrote {}", created.join(", ")));
         }
