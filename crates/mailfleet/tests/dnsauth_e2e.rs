@@ -10,57 +10,15 @@
 
 #[path = "../../relay/tests/common/mod.rs"]
 mod common;
+mod e2e;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::{Knot, Proc, Sink, TSIG, free_port, header, repo_root, require};
+use common::{Knot, Sink, TSIG, free_port, header, repo_root, require};
+use e2e::{Kubectl, condition, eventually, operator, pod_ip};
 use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
 use serde_json::Value;
-
-fn kubectl_bin() -> PathBuf {
-    std::env::var_os("KUBECTL")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| {
-            let local = repo_root().join("bin/kubectl");
-            if local.is_file() {
-                local
-            } else {
-                require("kubectl")
-            }
-        })
-}
-
-struct Kubectl {
-    kubeconfig: PathBuf,
-    home: PathBuf,
-}
-
-impl Kubectl {
-    fn ok(&self, args: &[&str]) -> String {
-        let out = Command::new(kubectl_bin())
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.home)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "kubectl {args:?} failed: {text}");
-        text
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        serde_json::from_str(&self.ok(&a)).unwrap()
-    }
-}
 
 /// The Python with the independent verifiers (hack/requirements-test.txt).
 fn verifier_python() -> PathBuf {
@@ -99,51 +57,6 @@ fn verify(dns: u16, args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn operator(kubeconfig: &Path, log: &Path, coordinator: u16, health: u16) -> Proc {
-    let log = std::fs::File::create(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_mailfleet"))
-        .args([
-            "operator",
-            &format!("--coordinator-addr=127.0.0.1:{coordinator}"),
-            &format!("--coordinator-url=https://127.0.0.1:{coordinator}"),
-            &format!("--metrics-addr=127.0.0.1:{health}"),
-            &format!("--health-addr=127.0.0.1:{health}"),
-            "--namespace=mailfleet-system",
-            "--identity=op-1",
-            "--relay-image=example.invalid/mailfleet:test",
-        ])
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,kube=warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Proc(child)
-}
-
-fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn condition(obj: &Value, type_: &str) -> Option<String> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .and_then(|c| c["status"].as_str())
-        .map(str::to_string)
 }
 
 #[test]
@@ -245,14 +158,12 @@ spec:
     k.ok(&["apply", "-f", manifest_path.to_str().unwrap()]);
 
     let op_log = root.join("operator.log");
-    let _op = operator(&dc.kubeconfig, &op_log, coordinator, health);
+    let _op = operator(&dc.kubeconfig, &op_log, coordinator, health, "op-1", None);
     let log = || std::fs::read_to_string(&op_log).unwrap_or_default();
 
     let domain = eventually(120, "the SendingDomain Ready and DNSVerified", || {
         let d = k.json(&["-n", "mail", "get", "sendingdomain", "mail-example-test"]);
-        (condition(&d, "DNSVerified").as_deref() == Some("True")
-            && condition(&d, "Ready").as_deref() == Some("True"))
-        .then_some(d)
+        (condition(&d, "DNSVerified") && condition(&d, "Ready")).then_some(d)
     });
     let selector = domain["status"]["activeSelector"]
         .as_str()
@@ -273,14 +184,9 @@ spec:
     ]);
     eventually(120, "one ready relay", || {
         let p = k.json(&["-n", "mail", "get", "relaypool", "transactional"]);
-        (p["status"]["readyReplicas"].as_u64() == Some(1)
-            && condition(&p, "Ready").as_deref() == Some("True"))
-        .then_some(())
+        (p["status"]["readyReplicas"].as_u64() == Some(1) && condition(&p, "Ready")).then_some(())
     });
-    let ip = eventually(30, "the relay's pod IP", || {
-        let p = k.json(&["-n", "mail", "get", "pod", "transactional-0"]);
-        p["status"]["podIP"].as_str().map(str::to_string)
-    });
+    let ip = pod_ip(&k, "mail", "transactional-0");
 
     let out = Command::new(require("swaks"))
         .args(["--server", &ip, "--port", &smtp_port.to_string()])
