@@ -18,6 +18,7 @@ fn main() {
             private_key_file: Some(args[1].clone().into()),
         }],
         suppressed_recipients: Vec::new(),
+        addresses: Vec::new(),
     }])
     .unwrap();
     let msg = format!(

@@ -91,6 +91,9 @@ pub enum Outcome {
     /// Permanent refusal for policy or reputation reasons (5.7.x, blocklists): DSN too, and a
     /// signal for the warm-up engine.
     Blocked,
+    /// Held back by a warm-up quota (not an attempt): counted once per message and quota
+    /// window, never returned by [`classify`].
+    DeferredByWarmup,
 }
 
 impl Outcome {
@@ -100,13 +103,15 @@ impl Outcome {
             Outcome::Deferred => "deferred",
             Outcome::Bounced => "bounced",
             Outcome::Blocked => "blocked",
+            Outcome::DeferredByWarmup => "deferred_by_warmup",
         }
     }
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Delivered,
         Outcome::Deferred,
         Outcome::Bounced,
         Outcome::Blocked,
+        Outcome::DeferredByWarmup,
     ];
 }
 
@@ -140,6 +145,41 @@ pub fn classify(reply: &Reply) -> Outcome {
         _ => Outcome::Deferred,
     }
 }
+
+/// Whether a permanent failure says the recipient address itself is bad (user unknown,
+/// mailbox disabled, bad domain): the recipient is then suppressed. Policy blocks, full
+/// mailboxes, size or content refusals and expired mail are not hard bounces in this sense.
+pub fn is_hard_bounce(reply: &Reply) -> bool {
+    if classify(reply) != Outcome::Bounced {
+        return false;
+    }
+    match reply.enhanced() {
+        // 5.1.x: addressing (bad mailbox, bad domain, bad syntax, moved, null MX);
+        // 5.2.1: mailbox disabled.
+        Some((5, 1, _)) | Some((5, 2, 1)) => true,
+        Some(_) => false,
+        None => {
+            let lower = reply.text.to_ascii_lowercase();
+            matches!(reply.code, 550 | 551 | 553)
+                && USER_UNKNOWN_WORDS.iter().any(|w| lower.contains(w))
+        }
+    }
+}
+
+const USER_UNKNOWN_WORDS: &[&str] = &[
+    "user unknown",
+    "unknown user",
+    "no such user",
+    "no such mailbox",
+    "no such recipient",
+    "unknown recipient",
+    "recipient unknown",
+    "invalid recipient",
+    "does not exist",
+    "mailbox unavailable",
+    "mailbox not found",
+    "address rejected",
+];
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -558,6 +598,21 @@ mod tests {
         );
         assert_eq!(r(550, "5.1.1 x").enhanced(), Some((5, 1, 1)));
         assert_eq!(r(550, "no enhanced").enhanced(), None);
+    }
+
+    #[test]
+    fn hard_bounces_are_bad_addresses_only() {
+        assert!(is_hard_bounce(&r(550, "5.1.1 no such user (test sink)")));
+        assert!(is_hard_bounce(&r(550, "5.2.1 mailbox disabled")));
+        assert!(is_hard_bounce(&r(556, "5.1.10 dest.test does not accept mail")));
+        assert!(is_hard_bounce(&r(550, "Requested action not taken: user unknown")));
+        // Policy blocks, full mailboxes, size, expiry and temporary failures are not.
+        assert!(!is_hard_bounce(&r(554, "5.7.1 blocked by policy")));
+        assert!(!is_hard_bounce(&r(552, "5.2.2 mailbox full")));
+        assert!(!is_hard_bounce(&r(552, "5.3.4 message too big")));
+        assert!(!is_hard_bounce(&r(554, "5.4.7 delivery time expired")));
+        assert!(!is_hard_bounce(&r(550, "rejected for no stated reason")));
+        assert!(!is_hard_bounce(&r(450, "4.1.1 user unknown, try later")));
     }
 
     #[test]

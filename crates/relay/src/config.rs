@@ -46,9 +46,23 @@ pub struct RelayConfig {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub shaping: ShapingConfig,
-    /// HTTP address of `/metrics`, `/healthz`, `/readyz`; none disables it.
+    /// HTTP address of `/metrics`, `/healthz`, `/readyz` and `/v1/feedback`; none disables it.
     #[serde(default)]
     pub http_listen: Option<SocketAddr>,
+    /// The complaint feedback endpoint (`POST /v1/feedback` on the HTTP listener).
+    #[serde(default)]
+    pub feedback: FeedbackConfig,
+}
+
+/// The feedback endpoint, where ARF complaint reports (RFC 5965) are posted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FeedbackConfig {
+    /// SHA-256 (hex) of the bearer token the endpoint accepts; none disables the endpoint
+    /// (404). Create one with `head -c 32 /dev/urandom | base64` and hash it with
+    /// `printf %s "$TOKEN" | sha256sum`.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +128,10 @@ pub struct SendingDomainConfig {
     /// Recipients refused at RCPT for mail of this domain (hard bounces, complaints).
     #[serde(default)]
     pub suppressed_recipients: Vec<String>,
+    /// Dedicated egress addresses: the domain's mail leaves only from these (it waits when
+    /// none of them may send). Empty: any address.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +179,15 @@ pub struct EgressConfig {
     /// the other addresses.
     #[serde(default)]
     pub paused: bool,
+    /// A fully warmed address: it takes the mail over the quota of addresses whose
+    /// `overflowToWarm` is set.
+    #[serde(default)]
+    pub warm: bool,
+    /// Mail over this address's quotas leaves from a `warm` address with quota left (it waits
+    /// when there is none) instead of waiting for this address's next window. Read with the
+    /// overflow policy `wait` (mail assigned to addresses up front).
+    #[serde(default)]
+    pub overflow_to_warm: bool,
     /// Concurrent connections from this address (all destinations).
     #[serde(default)]
     pub max_connections: Option<usize>,
@@ -242,7 +269,9 @@ pub enum OverflowPolicy {
     /// Leave from another address that has quota left; wait only when none has.
     #[default]
     OtherAddress,
-    /// Wait in the queue until the address's window opens again.
+    /// Each message is assigned an address up front (round robin over the addresses that may
+    /// send it) and waits in the queue until that address's window opens again, unless the
+    /// address has `overflowToWarm` and a `warm` address has quota left.
     Wait,
 }
 
@@ -392,6 +421,7 @@ impl RelayConfig {
             delivery: DeliveryConfig::default(),
             shaping: ShapingConfig::default(),
             http_listen,
+            feedback: FeedbackConfig::default(),
         }
     }
 
@@ -452,6 +482,13 @@ impl RelayConfig {
                     ));
                 }
             }
+        }
+        if let Some(h) = &self.feedback.token_sha256
+            && crate::feedback::parse_sha256_hex(h).is_none()
+        {
+            return invalid(
+                "feedback.tokenSha256 must be a SHA-256 in hex (64 hex digits)".into(),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for e in &self.egress {

@@ -8,17 +8,21 @@
 //! while the coordinator is unreachable carries on with the configuration and quotas it had.
 //!
 //! Every `report_interval` the counter deltas since the previous report (per egress address ×
-//! provider group × outcome × sending domain) are written to `<spool>/coordinator/` with the
-//! next sequence number (fsync'ed, before sending) and deleted once acknowledged. On every
-//! (re)connect the reports at or below the `applied_sequence` of `Register` are dropped and
-//! the others are sent again in order; the coordinator applies each sequence at most once.
+//! provider group × outcome × sending domain) and the hard-bounce suppressions recorded since
+//! are written to `<spool>/coordinator/` with the next sequence number (fsync'ed, before
+//! sending) and deleted once acknowledged. A complaint from the feedback endpoint is written
+//! as a report of its own before the endpoint answers. On every (re)connect the reports at or
+//! below the `applied_sequence` of `Register` are dropped and the others are sent again in
+//! order; the coordinator applies each sequence at most once.
 //!
 //! Files of `<spool>/coordinator/` (directory mode 0700):
 //! - `config.pb`: the last snapshot applied (prost `RelayConfig`, mode 0600);
 //! - `sequence`: the last report sequence used (decimal), so numbers survive restarts;
 //! - `report-<sequence>.pb`: reports not acknowledged yet (prost `ReportRequest`);
 //! - `quota-counters`: messages sent per address (and provider group) in the current hour and
-//!   quota window, so a restart does not send a window's quota twice.
+//!   quota window, so a restart does not send a window's quota twice;
+//! - `suppressions.pending`: hard-bounce suppressions not in a report yet (fsync'ed before the
+//!   recipient is marked done on the spool).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -38,10 +42,11 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::client::Outcome;
 use crate::config::{
-    DkimAlgorithm, DkimKeyConfig, EgressConfig, ProviderLimits, QuotaLimits, RelayConfig,
-    SendingDomainConfig, UserConfig,
+    DkimAlgorithm, DkimKeyConfig, EgressConfig, OverflowPolicy, ProviderLimits, QuotaLimits,
+    RelayConfig, SendingDomainConfig, UserConfig,
 };
 use crate::shaping::{ProviderGroup, SavedCounter, SentCounter, unix_now};
+use crate::suppression::{Complaint, DurableEvents, Reason, RecordError, Suppression};
 use crate::{Control, Relay, RelayError};
 
 /// Errors of coordinated mode, with what was being done.
@@ -352,6 +357,7 @@ pub fn create_state_dir(dir: &Path) -> Result<(), CoordinatorError> {
 const SNAPSHOT_FILE: &str = "config.pb";
 const SEQUENCE_FILE: &str = "sequence";
 const COUNTERS_FILE: &str = "quota-counters";
+const SUPPRESSIONS_FILE: &str = "suppressions.pending";
 
 /// The stored snapshot, if any.
 pub fn load_snapshot(dir: &Path) -> Result<Option<v1::RelayConfig>, CoordinatorError> {
@@ -548,12 +554,179 @@ impl ReportStore {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Suppressions waiting for the next report
+
+/// Suppressions (hard bounces) recorded since the last report was written: appended to
+/// `suppressions.pending` (length-delimited prost `Suppression`s, fsync'ed before the caller
+/// goes on), put into the next report and cleared once that report is on disk. A crash between
+/// the two sends a suppression twice, which changes nothing: the coordinator keeps a set.
+#[derive(Debug)]
+pub struct SuppressionJournal {
+    path: PathBuf,
+    state: Mutex<JournalState>,
+}
+
+#[derive(Debug)]
+struct JournalState {
+    file: File,
+    pending: Vec<v1::Suppression>,
+}
+
+impl SuppressionJournal {
+    /// Opens (creating) the journal of `dir` and reads what it holds; a record torn by a
+    /// crash at the end is dropped (its caller never went on).
+    pub fn open(dir: &Path) -> Result<SuppressionJournal, CoordinatorError> {
+        let path = dir.join(SUPPRESSIONS_FILE);
+        let existing = read_optional(&path)?;
+        let exists = existing.is_some();
+        let bytes = existing.unwrap_or_default();
+        let mut pending = Vec::new();
+        let mut buf = bytes.as_slice();
+        while !buf.is_empty() {
+            match v1::Suppression::decode_length_delimited(&mut buf) {
+                Ok(s) => pending.push(s),
+                Err(_) => break,
+            }
+        }
+        if !buf.is_empty() || !exists {
+            if !buf.is_empty() {
+                tracing::warn!(path = %path.display(), "dropping a torn suppression record");
+            }
+            let good: Vec<u8> = pending
+                .iter()
+                .flat_map(|s| s.encode_length_delimited_to_vec())
+                .collect();
+            write_durable(&path, &good, 0o600)?;
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        Ok(SuppressionJournal {
+            path,
+            state: Mutex::new(JournalState { file, pending }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, JournalState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends `s` and fsyncs.
+    pub fn append(&self, s: &v1::Suppression) -> Result<(), CoordinatorError> {
+        let mut st = self.lock();
+        st.file
+            .write_all(&s.encode_length_delimited_to_vec())
+            .map_err(io_err("write", &self.path))?;
+        st.file.sync_data().map_err(io_err("fsync", &self.path))?;
+        st.pending.push(s.clone());
+        Ok(())
+    }
+
+    /// Suppressions not reported yet.
+    pub fn pending(&self) -> Vec<v1::Suppression> {
+        self.lock().pending.clone()
+    }
+}
+
+impl JournalState {
+    /// The pending suppressions without repetitions, in order.
+    fn distinct(&self) -> Vec<v1::Suppression> {
+        let mut seen = std::collections::HashSet::new();
+        self.pending
+            .iter()
+            .filter(|s| seen.insert((s.domain.clone(), s.recipient.to_ascii_lowercase(), s.reason)))
+            .cloned()
+            .collect()
+    }
+
+    fn clear(&mut self, path: &Path) -> Result<(), CoordinatorError> {
+        self.file.set_len(0).map_err(io_err("truncate", path))?;
+        self.file.sync_all().map_err(io_err("fsync", path))?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+fn reason_to_proto(r: Reason) -> v1::SuppressionReason {
+    match r {
+        Reason::HardBounce => v1::SuppressionReason::HardBounce,
+        Reason::Complaint => v1::SuppressionReason::Complaint,
+    }
+}
+
+/// Where the relay's hard bounces and complaints become durable: the journal and the report
+/// store of a running coordinator client (held weakly: the relay must not keep it alive).
+struct DurableReports(std::sync::Weak<Shared>);
+
+impl DurableReports {
+    fn shared(&self, what: &'static str) -> Result<Arc<Shared>, RecordError> {
+        self.0.upgrade().ok_or(RecordError {
+            what,
+            reason: "the coordinator client has stopped".into(),
+        })
+    }
+}
+
+impl DurableEvents for DurableReports {
+    fn suppression(&self, s: &Suppression) -> Result<(), RecordError> {
+        let shared = self.shared("suppression")?;
+        shared
+            .journal
+            .append(&v1::Suppression {
+                domain: s.domain.clone(),
+                recipient: s.recipient.clone(),
+                reason: reason_to_proto(s.reason) as i32,
+            })
+            .map_err(|e| RecordError {
+                what: "suppression",
+                reason: e.to_string(),
+            })
+    }
+
+    /// Writes a report of its own (a `COMPLAINT` count of one and the suppression), so the
+    /// complaint is on disk before the endpoint answers and is counted exactly once.
+    fn complaint(&self, c: &Complaint) -> Result<(), RecordError> {
+        let shared = self.shared("complaint")?;
+        let id = &shared.opts.identity;
+        shared
+            .reports
+            .write(v1::ReportRequest {
+                pod_name: id.pod_name.clone(),
+                pod_namespace: id.pod_namespace.clone(),
+                sequence: 0,
+                deltas: vec![v1::CounterDelta {
+                    address: c.address.to_string(),
+                    provider_group: c.group.as_str().to_string(),
+                    outcome: v1::Outcome::Complaint as i32,
+                    count: 1,
+                    domain: c.domain.clone(),
+                }],
+                observed_unix: unix_now() as i64,
+                applied_config_version: shared.complete.load(Ordering::Acquire),
+                suppressions: vec![v1::Suppression {
+                    domain: c.domain.clone(),
+                    recipient: c.recipient.clone(),
+                    reason: v1::SuppressionReason::Complaint as i32,
+                }],
+            })
+            .map_err(|e| RecordError {
+                what: "complaint",
+                reason: e.to_string(),
+            })?;
+        shared.report_ready.notify_one();
+        Ok(())
+    }
+}
+
 fn outcome_to_proto(o: Outcome) -> v1::Outcome {
     match o {
         Outcome::Delivered => v1::Outcome::Delivered,
         Outcome::Deferred => v1::Outcome::Deferred,
         Outcome::Bounced => v1::Outcome::HardBounce,
         Outcome::Blocked => v1::Outcome::PolicyBlock,
+        Outcome::DeferredByWarmup => v1::Outcome::DeferredByWarmup,
     }
 }
 
@@ -639,13 +812,20 @@ pub fn relay_config(
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            if !d.addresses.is_empty() {
-                tracing::debug!(domain = %d.domain, "dedicated addresses are not enforced by the relay yet");
-            }
+            let addresses = d
+                .addresses
+                .iter()
+                .map(|a| {
+                    a.trim().parse::<IpAddr>().map_err(|e| {
+                        bad(format!("dedicated address {a:?} of {}: {e}", d.domain))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(SendingDomainConfig {
                 domain: d.domain.clone(),
                 dkim,
                 suppressed_recipients: d.suppressed_recipients.clone(),
+                addresses,
             })
         })
         .collect::<Result<Vec<_>, CoordinatorError>>()?;
@@ -667,6 +847,9 @@ pub fn relay_config(
         );
     }
 
+    // Mail is spread over the addresses up front; each quota's `overflow_to_warm` says
+    // whether mail over it leaves from warm addresses or waits for the address's next window.
+    c.shaping.overflow = OverflowPolicy::Wait;
     c.egress = Vec::new();
     for a in &snap.addresses {
         let address: IpAddr = a
@@ -694,6 +877,8 @@ pub fn relay_config(
             quota_window_seconds: None,
             provider_quotas: BTreeMap::new(),
             paused,
+            warm: state == v1::AddressState::Warm,
+            overflow_to_warm: false,
             max_connections: nz32(shaping.max_connections_per_address),
             messages_per_second: None,
         };
@@ -707,6 +892,7 @@ pub fn relay_config(
                 daily: nz64(q.window_limit),
                 hourly: nz64(q.hourly_limit),
             };
+            e.overflow_to_warm |= q.overflow_to_warm;
             if q.window_seconds > 0 {
                 e.quota_window_start = q.window_start_unix;
                 e.quota_window_seconds = Some(q.window_seconds);
@@ -766,6 +952,19 @@ pub fn relay_config(
         if let Some(n) = nz32(l.max_sessions) {
             c.listener.max_sessions = n;
         }
+        let token = l.feedback_token_sha256.trim();
+        c.feedback.token_sha256 = if token.is_empty() {
+            None
+        } else if crate::feedback::parse_sha256_hex(token).is_some() {
+            Some(token.to_ascii_lowercase())
+        } else {
+            // Not worth refusing the whole snapshot: only the endpoint stays off.
+            tracing::error!(
+                version = snap.version,
+                "the feedback token hash is not a SHA-256 in hex: the feedback endpoint stays disabled"
+            );
+            None
+        };
         let users: BTreeMap<&String, &String> = l.users.iter().collect();
         c.listener.users = users
             .into_iter()
@@ -806,6 +1005,8 @@ struct Shared {
     endpoint: Endpoint,
     control: Arc<Control>,
     reports: ReportStore,
+    /// Hard-bounce suppressions waiting for the next report.
+    journal: SuppressionJournal,
     report_ready: Notify,
     /// Serializes applying snapshots; holds the version applied (0 for none).
     applied: Mutex<u64>,
@@ -887,6 +1088,7 @@ impl Coordinated {
         let endpoint = endpoint(&opts)?;
         create_state_dir(&opts.state_dir)?;
         let reports = ReportStore::open(&opts.state_dir)?;
+        let journal = SuppressionJournal::open(&opts.state_dir)?;
         let stored = match load_snapshot(&opts.state_dir) {
             Ok(s) => s,
             Err(e) => {
@@ -907,6 +1109,7 @@ impl Coordinated {
             endpoint,
             control,
             reports,
+            journal,
             report_ready: Notify::new(),
             applied: Mutex::new(0),
             complete: AtomicU64::new(0),
@@ -914,6 +1117,10 @@ impl Coordinated {
             prev: Mutex::new((BTreeMap::new(), 0, String::new())),
             registrations: AtomicU64::new(0),
         });
+        shared
+            .control
+            .suppressions()
+            .set_durable(Arc::new(DurableReports(Arc::downgrade(&shared))));
         let (stop, stop_rx) = watch::channel(false);
         let first_failure = Arc::new(Notify::new());
         let tasks = vec![
@@ -1019,7 +1226,11 @@ impl Shared {
                 Err(e) => tracing::warn!(error = %e, "failed to save the quota counters"),
             }
         }
-        if deltas.is_empty() && complete == prev.1 {
+        // Held until the report is on disk, so no suppression is appended and then cleared
+        // unreported.
+        let mut journal = self.journal.lock();
+        let suppressions = journal.distinct();
+        if deltas.is_empty() && complete == prev.1 && suppressions.is_empty() {
             return Ok(None);
         }
         let id = &self.opts.identity;
@@ -1030,10 +1241,14 @@ impl Shared {
             deltas,
             observed_unix: unix_now() as i64,
             applied_config_version: complete,
-            suppressions: Vec::new(),
+            suppressions,
         })?;
         prev.0 = current;
         prev.1 = complete;
+        if let Err(e) = journal.clear(&self.journal.path) {
+            // They are reported; at worst they are reported again.
+            tracing::warn!(error = %e, "failed to clear the reported suppressions");
+        }
         Ok(Some(seq))
     }
 }

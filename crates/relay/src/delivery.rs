@@ -1,12 +1,19 @@
 //! Delivery: per-destination queues, MX routing and the connection workers.
 //!
 //! Accepted messages are split by recipient domain into jobs. Each queue (destination
-//! domain, plus the assigned egress address when the overflow policy is `wait`) has up to
-//! `maxConnectionsPerDestination` workers; a worker holds one connection from an egress
-//! address the shaper granted, sends job after job over it (connection reuse), and closes it
-//! when the queue stays empty for `connectionIdle`. Each recipient ends delivered, bounced or
-//! blocked (spool record + counter + DSN), or deferred: retried after the backoff schedule
-//! until the max lifetime, then bounced.
+//! domain, plus the assigned egress address when the overflow policy is `wait`, plus the
+//! sending domain when it has dedicated addresses) has up to `maxConnectionsPerDestination`
+//! workers; a worker holds one connection from an egress address the shaper granted (among
+//! the sending domain's dedicated addresses, if any), sends job after job over it (connection
+//! reuse), and closes it when the queue stays empty for `connectionIdle`. Each recipient ends
+//! delivered, bounced or blocked (spool record + counter + DSN; a hard bounce also suppresses
+//! the recipient), or deferred: retried after the backoff schedule until the max lifetime,
+//! then bounced.
+//!
+//! Quotas: with the overflow policy `wait` a job keeps its assigned address and waits for that
+//! address's next window, unless the address overflows to warm addresses and one of them has
+//! quota left; otherwise any address with quota left takes it. A message held back by a
+//! quota is counted once per quota window as `deferred_by_warmup` (not an attempt).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -20,10 +27,11 @@ use hickory_resolver::proto::rr::RData;
 use tokio::sync::{Notify, watch};
 
 use crate::client::{Connection, Outcome, Reply, classify};
-use crate::config::{DeliveryConfig, OverflowPolicy, ShapingConfig};
+use crate::config::{DeliveryConfig, SendingDomainConfig, ShapingConfig};
 use crate::metrics::Metrics;
 use crate::shaping::{MessageSlot, ProviderGroup, Shaper, Unavailable, provider_group, unix_now};
 use crate::spool::{Message, Spool};
+use crate::suppression::{Reason, Suppression, Suppressions};
 
 /// Errors of building the delivery side.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +72,41 @@ struct Job {
 struct QueueKey {
     domain: String,
     address: Option<IpAddr>,
+    /// The sending domain, when it has dedicated addresses (its mail has queues of its own).
+    tenant: Option<String>,
+}
+
+/// The sending domains in force and their dedicated addresses.
+#[derive(Debug, Default)]
+struct DomainPolicy {
+    /// Lowercased sending domains.
+    domains: Vec<String>,
+    /// Dedicated addresses of the sending domains that have some.
+    dedicated: HashMap<String, Arc<[IpAddr]>>,
+}
+
+impl DomainPolicy {
+    /// The configured sending domain of an envelope sender.
+    fn sending_domain(&self, mail_from: &str) -> Option<String> {
+        let d = crate::smtp::address_domain(mail_from)?;
+        crate::smtp::matching_sending_domain(&self.domains, &d).map(str::to_string)
+    }
+
+    /// The sending domain of `mail_from` and its dedicated addresses, if it has some.
+    fn dedicated(&self, mail_from: &str) -> Option<(String, Arc<[IpAddr]>)> {
+        let d = self.sending_domain(mail_from)?;
+        let a = self.dedicated.get(&d)?;
+        Some((d, Arc::clone(a)))
+    }
+}
+
+/// Why a queue is held back by a quota: the address whose quota holds it, toward which
+/// group, in which window.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    address: IpAddr,
+    group: ProviderGroup,
+    window: i64,
 }
 
 #[derive(Default)]
@@ -76,6 +119,8 @@ struct Queue {
 /// Recipients of a message that are still open, so the message leaves the gauge once done.
 struct Progress {
     left: usize,
+    /// The quota window in which the message was last counted as held back by warm-up.
+    held_window: Option<i64>,
 }
 
 /// The delivery side of the relay.
@@ -88,6 +133,9 @@ pub struct Delivery {
     /// looked at again at once.
     wake: watch::Sender<u64>,
     pub shaper: Arc<Shaper>,
+    /// Recipients suppressed by this relay (hard bounces, complaints).
+    pub suppressions: Arc<Suppressions>,
+    domains: RwLock<Arc<DomainPolicy>>,
     spool: Arc<dyn Spool>,
     metrics: Arc<Metrics>,
     queues: Mutex<HashMap<QueueKey, Queue>>,
@@ -130,11 +178,13 @@ fn build_resolver(servers: &[SocketAddr]) -> Result<TokioResolver, DeliveryError
 }
 
 impl Delivery {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: DeliveryConfig,
         shaping: ShapingConfig,
         hostname: String,
         shaper: Arc<Shaper>,
+        suppressions: Arc<Suppressions>,
         spool: Arc<dyn Spool>,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
@@ -147,6 +197,8 @@ impl Delivery {
             resolver: RwLock::new(resolver),
             wake: watch::channel(0).0,
             shaper,
+            suppressions,
+            domains: RwLock::new(Arc::default()),
             spool,
             metrics,
             queues: Mutex::new(HashMap::new()),
@@ -179,6 +231,43 @@ impl Delivery {
         }
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         Ok(())
+    }
+
+    /// Takes the sending domains in force and their dedicated addresses. Queued mail of a
+    /// domain whose dedicated addresses changed moves to them from its next message on.
+    pub fn set_domains(&self, domains: &[SendingDomainConfig]) {
+        let norm = |d: &str| d.trim().trim_end_matches('.').to_ascii_lowercase();
+        let policy = DomainPolicy {
+            domains: domains.iter().map(|d| norm(&d.domain)).collect(),
+            dedicated: domains
+                .iter()
+                .filter(|d| !d.addresses.is_empty())
+                .map(|d| (norm(&d.domain), Arc::from(d.addresses.as_slice())))
+                .collect(),
+        };
+        *self.domains.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    fn domains(&self) -> Arc<DomainPolicy> {
+        Arc::clone(&self.domains.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The sending domains in force (lowercased).
+    pub fn sending_domains(&self) -> Vec<String> {
+        self.domains().domains.clone()
+    }
+
+    /// The addresses mail of `msg` may leave from; `None` for any.
+    fn allowed(&self, msg: &Message) -> Option<Arc<[IpAddr]>> {
+        self.domains().dedicated(&msg.mail_from).map(|(_, a)| a)
+    }
+
+    fn key_of(&self, job: &Job) -> QueueKey {
+        QueueKey {
+            domain: job.domain.clone(),
+            address: job.address,
+            tenant: self.domains().dedicated(&job.msg.mail_from).map(|(d, _)| d),
+        }
     }
 
     /// Looks again at once at mail parked for quota or for want of a usable address (after
@@ -216,6 +305,7 @@ impl Delivery {
                 msg.id,
                 Progress {
                     left: pending.len(),
+                    held_window: None,
                 },
             );
         self.metrics.queued.set(self.queued_messages() as i64);
@@ -230,10 +320,14 @@ impl Delivery {
                 None => by_domain.push((domain, vec![i])),
             }
         }
+        let pinned = self.shaper.pinned();
+        let allowed = self.allowed(&msg);
         for (domain, rcpts) in by_domain {
-            let address = match self.shaper.overflow {
-                OverflowPolicy::Wait => self.shaper.assign(),
-                OverflowPolicy::OtherAddress => None,
+            // Unassigned (no usable address yet) jobs get one when they connect.
+            let address = if pinned {
+                self.shaper.assign(allowed.as_deref())
+            } else {
+                None
             };
             self.enqueue(Job {
                 msg: Arc::clone(&msg),
@@ -250,10 +344,7 @@ impl Delivery {
     }
 
     fn enqueue_at(&self, job: Job, front: bool) {
-        let key = QueueKey {
-            domain: job.domain.clone(),
-            address: job.address,
-        };
+        let key = self.key_of(&job);
         let mut queues = self.queues();
         let q = queues.entry(key.clone()).or_default();
         if front {
@@ -310,16 +401,41 @@ impl Delivery {
         self.queues().get(key).map(|q| Arc::clone(&q.notify))
     }
 
-    /// Moves every waiting job of `key` (and `first`) to `until` (a Unix time).
-    fn park_queue(&self, key: &QueueKey, first: Job, until: f64) {
+    /// Moves every waiting job of `key` (and `first`) to `until` (a Unix time); when a quota
+    /// holds them, each message is counted as held back (once per quota window).
+    fn park_queue(&self, key: &QueueKey, first: Job, until: f64, held: Option<Held>) {
         let mut jobs = vec![first];
         if let Some(q) = self.queues().get_mut(key) {
             jobs.extend(q.ready.drain(..));
         }
         let delay = Duration::from_secs_f64((until - unix_now()).max(1.0));
         for job in jobs {
+            if let Some(h) = held {
+                self.count_held(&job.msg, h);
+            }
             self.later(job, delay, true);
         }
+    }
+
+    /// Counts `msg` as held back by a warm-up quota, unless it already was in this window.
+    fn count_held(&self, msg: &Message, held: Held) {
+        {
+            let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(p) = progress.get_mut(&msg.id) else {
+                return;
+            };
+            if p.held_window == Some(held.window) {
+                return;
+            }
+            p.held_window = Some(held.window);
+        }
+        tracing::debug!(id = msg.id, address = %held.address, "held back by a warm-up quota");
+        self.metrics.delivery_from(
+            Some(held.address),
+            held.group,
+            Outcome::DeferredByWarmup,
+            &msg.mail_from,
+        );
     }
 
     /// Enqueues `job` after `delay`, or at once when `wakeable` and a reconfiguration wakes
@@ -379,15 +495,28 @@ impl Delivery {
                     Ok(c) => {
                         conn = Some((c.0, c.1, 0));
                     }
-                    Err(ConnectFailure::Unavailable(Unavailable::OverQuota { until })) => {
-                        self.park_queue(&key, job, until);
+                    Err(ConnectFailure::OverQuota { until, held }) => {
+                        self.park_queue(&key, job, until, Some(held));
+                        self.retire(&key);
+                        break;
+                    }
+                    Err(ConnectFailure::Reassign(address)) => {
+                        // The job's address may not send it (any more): it moves to the queue
+                        // of its new address.
+                        let mut job = job;
+                        job.address = Some(address);
+                        self.enqueue(job);
+                        continue;
+                    }
+                    Err(ConnectFailure::Unavailable(Unavailable::OverQuota { until, .. })) => {
+                        self.park_queue(&key, job, until, None);
                         self.retire(&key);
                         break;
                     }
                     Err(ConnectFailure::Unavailable(Unavailable::NoAddress)) => {
                         // No address may send (none configured or all paused): wait for a
                         // reconfiguration, looking again now and then.
-                        self.park_queue(&key, job, unix_now() + 30.0);
+                        self.park_queue(&key, job, unix_now() + 30.0, None);
                         self.retire(&key);
                         break;
                     }
@@ -412,6 +541,20 @@ impl Delivery {
             let Some((c, permit, sent)) = conn.as_mut() else {
                 continue;
             };
+            if self.leaves_elsewhere(&job, permit.address, permit.group) {
+                // The connection's address may not (or need not) carry this job any more:
+                // dedicated addresses changed, or its own address has quota again.
+                let k = self.key_of(&job);
+                if k == key {
+                    self.requeue_front(&key, job);
+                } else {
+                    self.enqueue(job);
+                }
+                if let Some((c, _, _)) = conn.take() {
+                    c.quit().await;
+                }
+                continue;
+            }
             match self
                 .shaper
                 .message_slot(permit.address, permit.group, unix_now())
@@ -429,20 +572,29 @@ impl Delivery {
                     }
                     continue;
                 }
-                MessageSlot::OverQuota { until } => {
-                    if key.address.is_some() {
-                        self.park_queue(&key, job, until);
-                        if let Some((c, _, _)) = conn.take() {
-                            c.quit().await;
-                        }
-                        self.retire(&key);
-                        break;
-                    }
-                    // Another address may have quota left: reconnect from it.
-                    self.requeue_front(&key, job);
+                MessageSlot::OverQuota { until, window } => {
+                    let own = job.address.filter(|_| self.shaper.pinned());
+                    let stays = own.is_some_and(|a| {
+                        a == permit.address && !self.shaper.overflows_to_warm(a)
+                    });
+                    let held = Held {
+                        address: permit.address,
+                        group: permit.group,
+                        window,
+                    };
                     if let Some((c, _, _)) = conn.take() {
                         c.quit().await;
                     }
+                    if stays {
+                        // The job's own address is spent and does not overflow: wait for
+                        // its next window.
+                        self.park_queue(&key, job, until, Some(held));
+                        self.retire(&key);
+                        break;
+                    }
+                    // Another address may have quota left (a warm one, when the job's own
+                    // address overflows to warm addresses): reconnect from it.
+                    self.requeue_front(&key, job);
                     continue;
                 }
             }
@@ -470,6 +622,98 @@ impl Delivery {
         }
     }
 
+    /// Whether `job` should not leave over a connection from `address`: the address is not
+    /// one of the sending domain's dedicated addresses, or (overflow policy `wait`) it is a
+    /// warm address carrying overflow while the job's own address can send again.
+    fn leaves_elsewhere(&self, job: &Job, address: IpAddr, group: ProviderGroup) -> bool {
+        if self
+            .allowed(&job.msg)
+            .is_some_and(|a| !a.contains(&address))
+        {
+            return true;
+        }
+        match job.address {
+            Some(own) if own != address && self.shaper.pinned() => {
+                !self.shaper.overflows_to_warm(own)
+                    || self.shaper.has_quota(own, group, unix_now())
+            }
+            _ => false,
+        }
+    }
+
+    /// Grants a connection slot for `job` toward `group`. Unpinned: any address (of the
+    /// sending domain's dedicated ones, if any) with quota left. Pinned (overflow policy
+    /// `wait`): the job's address; when it is over quota and overflows to warm addresses, a
+    /// warm address with quota left; a job whose address may not send it is reassigned.
+    fn grant(
+        &self,
+        job: &Job,
+        group: ProviderGroup,
+    ) -> Result<crate::shaping::ConnectionPermit, ConnectFailure> {
+        let now = unix_now();
+        let allowed = self.allowed(&job.msg);
+        let allowed = allowed.as_deref();
+        let over = |until, address, window| ConnectFailure::OverQuota {
+            until,
+            held: Held {
+                address,
+                group,
+                window,
+            },
+        };
+        if !self.shaper.pinned() {
+            return self
+                .shaper
+                .acquire(group, allowed, now)
+                .map_err(|e| match e {
+                    Unavailable::OverQuota {
+                        until,
+                        address,
+                        window,
+                    } => over(until, address, window),
+                    other => ConnectFailure::Unavailable(other),
+                });
+        }
+        let own = job
+            .address
+            .filter(|a| self.shaper.is_usable(*a) && allowed.is_none_or(|s| s.contains(a)));
+        let Some(own) = own else {
+            return Err(match self.shaper.assign(allowed) {
+                Some(a) => ConnectFailure::Reassign(a),
+                None => ConnectFailure::Unavailable(Unavailable::NoAddress),
+            });
+        };
+        match self.shaper.acquire(group, Some(&[own]), now) {
+            Ok(p) => Ok(p),
+            Err(Unavailable::OverQuota { until, window, .. })
+                if self.shaper.overflows_to_warm(own) =>
+            {
+                let warm = self.shaper.warm_addresses(own, allowed);
+                if warm.is_empty() {
+                    return Err(over(until, own, window));
+                }
+                match self.shaper.acquire(group, Some(&warm), now) {
+                    Ok(p) => {
+                        tracing::debug!(id = job.msg.id, from = %own, to = %p.address, "over quota: overflow to a warm address");
+                        Ok(p)
+                    }
+                    // Held by its own address's quota until it or a warm address opens.
+                    Err(Unavailable::OverQuota { until: u, .. }) => {
+                        Err(over(until.min(u), own, window))
+                    }
+                    Err(Unavailable::Busy) => Err(ConnectFailure::Unavailable(Unavailable::Busy)),
+                    Err(Unavailable::NoAddress) => Err(over(until, own, window)),
+                }
+            }
+            Err(Unavailable::OverQuota {
+                until,
+                address,
+                window,
+            }) => Err(over(until, address, window)),
+            Err(other) => Err(ConnectFailure::Unavailable(other)),
+        }
+    }
+
     async fn connect(
         &self,
         job: &Job,
@@ -478,10 +722,7 @@ impl Delivery {
             .route(&job.domain)
             .await
             .map_err(ConnectFailure::Route)?;
-        let permit = self
-            .shaper
-            .acquire(route.group, job.address, unix_now())
-            .map_err(ConnectFailure::Unavailable)?;
+        let permit = self.grant(job, route.group)?;
         let config = self.config();
         let mut last = Reply {
             code: 451,
@@ -675,7 +916,21 @@ impl Delivery {
     ) {
         self.metrics
             .delivery_from(address, group, outcome, &msg.mail_from);
-        self.spool.rcpt_done(msg.id, rcpt);
+        let suppression = (outcome == Outcome::Bounced && crate::client::is_hard_bounce(reply))
+            .then(|| {
+                let domain = self.domains().sending_domain(&msg.mail_from)?;
+                let recipient = msg.rcpts.get(rcpt)?.clone();
+                Some(Suppression {
+                    domain,
+                    recipient,
+                    reason: Reason::HardBounce,
+                })
+            })
+            .flatten();
+        match suppression {
+            Some(s) => self.suppress(msg.id, rcpt, s),
+            None => self.spool.rcpt_done(msg.id, rcpt),
+        }
         if outcome != Outcome::Delivered
             && self.config().dsn
             && !msg.mail_from.is_empty()
@@ -693,6 +948,30 @@ impl Delivery {
         let n = progress.len();
         drop(progress);
         self.metrics.queued.set(n as i64);
+    }
+
+    /// Suppresses a hard-bounced recipient: at once locally, and (coordinated mode) durably
+    /// for the next report before the recipient is marked done on the spool, so a crash in
+    /// between repeats the attempt rather than losing the suppression.
+    fn suppress(&self, id: u64, rcpt: usize, s: Suppression) {
+        self.suppressions.add(&s.domain, &s.recipient);
+        tracing::info!(id, domain = %s.domain, "hard bounce: recipient suppressed");
+        let Some(sink) = self.suppressions.durable() else {
+            self.spool.rcpt_done(id, rcpt);
+            return;
+        };
+        let spool = Arc::clone(&self.spool);
+        tokio::spawn(async move {
+            match tokio::task::spawn_blocking(move || sink.suppression(&s)).await {
+                Ok(Ok(())) => spool.rcpt_done(id, rcpt),
+                Ok(Err(e)) => tracing::error!(
+                    id,
+                    error = %e,
+                    "the recipient stays open on the spool and is tried again after a restart"
+                ),
+                Err(e) => tracing::error!(id, error = %e, "recording a suppression failed"),
+            }
+        });
     }
 
     fn send_dsn(&self, original: &Message, failed_rcpt: &str, reply: &Reply) {
@@ -720,6 +999,13 @@ impl Delivery {
 
 enum ConnectFailure {
     Route(RouteError),
+    /// Held back by a warm-up quota until this Unix time.
+    OverQuota {
+        until: f64,
+        held: Held,
+    },
+    /// The job's address may not send it: this one may.
+    Reassign(IpAddr),
     Unavailable(Unavailable),
     Connect(Reply),
 }

@@ -202,6 +202,7 @@ mod tests {
             domain: "example.test".into(),
             dkim,
             suppressed_recipients: Vec::new(),
+            addresses: Vec::new(),
         }])
         .unwrap();
         let msg = b"From: a@example.test\r\nTo: b@dest.test\r\nSubject: hi\r\n\r\nbody\r\n";

@@ -3,9 +3,11 @@
 //! Pipeline: [`smtp`] accepts a message → [`dkim`] signs it → [`spool`] makes it durable
 //! (group commit) → `250` → [`delivery`] routes it by MX and sends it from an egress address
 //! granted by [`shaping`] over a [`client`] connection → outcomes counted in [`metrics`],
-//! bounces reported by [`dsn`]. [`config`] is the one input, from a file or from the
-//! operator's coordinator ([`coordinator`]). [`Relay::start`] wires it all and returns a handle
-//! for tests and the CLI; [`Control::reconfigure`] changes it at run time.
+//! bounces reported by [`dsn`], hard-bounced recipients suppressed ([`suppression`]).
+//! Complaints arrive as ARF reports at [`feedback`] (served by [`http`] next to `/metrics`).
+//! [`config`] is the one input, from a file or from the operator's coordinator
+//! ([`coordinator`]). [`Relay::start`] wires it all and returns a handle for tests and the
+//! CLI; [`Control::reconfigure`] changes it at run time.
 
 pub mod client;
 pub mod config;
@@ -13,10 +15,13 @@ pub mod coordinator;
 pub mod delivery;
 pub mod dkim;
 pub mod dsn;
+pub mod feedback;
+pub mod http;
 pub mod metrics;
 pub mod shaping;
 pub mod smtp;
 pub mod spool;
+pub mod suppression;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,6 +72,7 @@ pub struct Control {
     inbound: Arc<smtp::Inbound>,
     delivery: Arc<delivery::Delivery>,
     metrics: Arc<metrics::Metrics>,
+    feedback: Arc<feedback::FeedbackService>,
     /// The static settings of the process (listen addresses, spool, hostname, ...), which a
     /// reconfiguration does not change.
     base: RelayConfig,
@@ -85,11 +91,13 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
-    /// Applies the run-time parts of `config` without a restart: sending domains and DKIM
-    /// keys, egress addresses (HELO names, paused state, quotas, connection and rate limits),
-    /// provider limits, delivery settings (retries, lifetime, DSN, port, name servers) and
-    /// listener limits (allowed networks, users, sizes, sessions). The listen addresses, TLS
-    /// files, spool and hostname stay as the relay started with. On error nothing changes.
+    /// Applies the run-time parts of `config` without a restart: sending domains (DKIM keys,
+    /// suppressed recipients, dedicated addresses), egress addresses (HELO names, paused and
+    /// warm state, quotas and their overflow, connection and rate limits), the overflow
+    /// policy, provider limits, delivery settings (retries, lifetime, DSN, port, name servers),
+    /// listener limits (allowed networks, users, sizes, sessions) and the feedback token. The
+    /// listen addresses, TLS files, spool and hostname stay as the relay started with. On
+    /// error nothing changes.
     pub fn reconfigure(&self, config: &RelayConfig) -> Result<(), RelayError> {
         config.validate_pushed()?;
         let _serial = self.apply.lock().unwrap_or_else(|e| e.into_inner());
@@ -111,11 +119,15 @@ impl Control {
         self.delivery
             .shaper
             .reconfigure(&config.egress, &config.shaping, shaping::unix_now());
-        self.inbound.set_settings(smtp::InboundSettings::new(
-            listener,
-            &config.sending_domains,
-            signer,
-        ));
+        self.delivery.set_domains(&config.sending_domains);
+        let settings = smtp::InboundSettings::new(listener, &config.sending_domains, signer);
+        // What the configuration refuses now needs no local entry any more.
+        self.delivery
+            .suppressions
+            .forget_configured(&settings.suppressed);
+        self.inbound.set_settings(settings);
+        self.feedback
+            .set_token(config.feedback.token_sha256.as_deref());
         self.configured.store(true, Ordering::Release);
         self.update_readiness();
         self.delivery.wake_parked();
@@ -150,6 +162,11 @@ impl Control {
     /// The sending domains in force (lowercased).
     pub fn sending_domains(&self) -> Vec<String> {
         self.inbound.settings().domains.clone()
+    }
+
+    /// The recipients this relay suppressed itself, and where new ones become durable.
+    pub fn suppressions(&self) -> &Arc<suppression::Suppressions> {
+        &self.delivery.suppressions
     }
 }
 
@@ -190,10 +207,17 @@ impl Relay {
             config.shaping.clone(),
             config.hostname.clone(),
             shaper,
+            Arc::new(suppression::Suppressions::default()),
             Arc::clone(&spool),
             Arc::clone(&metrics),
             shutdown_rx.clone(),
         )?;
+        delivery.set_domains(&config.sending_domains);
+        let feedback = Arc::new(feedback::FeedbackService::new(
+            config.feedback.token_sha256.as_deref(),
+            Arc::clone(&delivery),
+            Arc::clone(&metrics),
+        ));
         let tls = match (tls_override, &config.listener.tls) {
             (Some(t), _) => Some(t),
             (None, Some(t)) => Some(smtp::tls_acceptor(&t.cert, &t.key)?),
@@ -214,11 +238,11 @@ impl Relay {
                 let local = l
                     .local_addr()
                     .map_err(|source| RelayError::Http { addr, source })?;
-                tokio::spawn(metrics::serve_http(
-                    l,
-                    Arc::clone(&metrics),
-                    shutdown_rx.clone(),
-                ));
+                let state = Arc::new(http::HttpState {
+                    metrics: Arc::clone(&metrics),
+                    feedback: Arc::clone(&feedback),
+                });
+                tokio::spawn(http::serve(l, state, shutdown_rx.clone()));
                 Some(local)
             }
             None => None,
@@ -244,6 +268,7 @@ impl Relay {
             inbound: Arc::clone(&inbound),
             delivery: Arc::clone(&delivery),
             metrics: Arc::clone(&metrics),
+            feedback,
             base: config,
             configured: AtomicBool::new(configured),
             stopping: AtomicBool::new(false),

@@ -1,17 +1,14 @@
-//! Counters and gauges of the relay, and the small HTTP server that exposes them to
-//! Prometheus (`/metrics`) next to `/healthz` and `/readyz`. Delivery outcomes are counted per
-//! egress address × provider group × outcome: the numbers the warm-up engine will judge by.
-//! Refusals are labelled by a static reason, never by error text.
+//! Counters and gauges of the relay, rendered for Prometheus (`/metrics`, served by
+//! [`http`](crate::http)). Delivery outcomes are counted per egress address × provider group
+//! × outcome: the numbers the warm-up engine judges by; so are complaints and messages held
+//! back by warm-up quotas. Refusals and feedback requests are labelled by a static reason,
+//! never by error text.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::client::Outcome;
 use crate::shaping::ProviderGroup;
@@ -49,6 +46,8 @@ pub struct Metrics {
     pub queued: Gauge,
     pub ready: AtomicBool,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    feedback: Mutex<BTreeMap<&'static str, u64>>,
+    complaints: Mutex<BTreeMap<(IpAddr, ProviderGroup), u64>>,
     deliveries: Mutex<BTreeMap<DeliveryKey, u64>>,
     by_sender: Mutex<BTreeMap<SenderKey, u64>>,
 }
@@ -61,6 +60,35 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .entry(reason)
             .or_insert(0) += 1;
+    }
+
+    /// Counts one request to the feedback endpoint by its result.
+    pub fn feedback(&self, result: &'static str) {
+        *self
+            .feedback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(result)
+            .or_insert(0) += 1;
+    }
+
+    /// Counts one complaint against the egress address it names. Not part of the delivery
+    /// counters of the reports: complaints are reported durably on their own.
+    pub fn complaint(&self, address: IpAddr, group: ProviderGroup) {
+        *self
+            .complaints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((address, group))
+            .or_insert(0) += 1;
+    }
+
+    /// Complaints counted per address and provider group.
+    pub fn complaints(&self) -> BTreeMap<(IpAddr, ProviderGroup), u64> {
+        self.complaints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn delivery(&self, address: Option<IpAddr>, group: ProviderGroup, outcome: Outcome) {
@@ -151,7 +179,7 @@ impl Metrics {
         }
         let _ = writeln!(
             s,
-            "# HELP mailfleet_relay_deliveries_total Recipient outcomes per egress address and provider group."
+            "# HELP mailfleet_relay_deliveries_total Recipient outcomes per egress address and provider group; deferred_by_warmup counts messages held back by a warm-up quota, once per quota window."
         );
         let _ = writeln!(s, "# TYPE mailfleet_relay_deliveries_total counter");
         for ((addr, group, outcome), n) in self.deliveries() {
@@ -162,68 +190,34 @@ impl Metrics {
                 outcome.as_str()
             );
         }
-        s
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`. HTTP/1.0-style: one request
-/// per connection, which is all Prometheus and kubelet probes need.
-pub async fn serve_http(
-    listener: TcpListener,
-    metrics: std::sync::Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-            _ = shutdown.changed() => return,
-        };
-        let metrics = std::sync::Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read until the end of the request head (or the buffer is full).
-            while n < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut buf[n..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => {
-                        n += k;
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (status, ctype, body) = match path {
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n".to_string(),
-                ),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+        let _ = writeln!(
+            s,
+            "# HELP mailfleet_relay_complaints_total Complaints (ARF reports) per egress address and provider group."
+        );
+        let _ = writeln!(s, "# TYPE mailfleet_relay_complaints_total counter");
+        for ((addr, group), n) in self.complaints() {
+            let _ = writeln!(
+                s,
+                "mailfleet_relay_complaints_total{{address=\"{addr}\",provider=\"{group}\"}} {n}"
             );
-            let _ = stream.write_all(resp.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+        }
+        let _ = writeln!(
+            s,
+            "# HELP mailfleet_relay_feedback_requests_total Requests to the feedback endpoint, by result."
+        );
+        let _ = writeln!(s, "# TYPE mailfleet_relay_feedback_requests_total counter");
+        for (result, n) in self
+            .feedback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "mailfleet_relay_feedback_requests_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        s
     }
 }
 

@@ -217,6 +217,8 @@ impl SentCounter {
 struct AddrState {
     helo: String,
     paused: bool,
+    warm: bool,
+    overflow_to_warm: bool,
     limits: QuotaLimits,
     window: Window,
     group_limits: BTreeMap<ProviderGroup, QuotaLimits>,
@@ -243,6 +245,8 @@ impl AddrState {
         AddrState {
             helo: String::new(),
             paused: false,
+            warm: false,
+            overflow_to_warm: false,
             limits: QuotaLimits::default(),
             window,
             group_limits: BTreeMap::new(),
@@ -261,6 +265,8 @@ impl AddrState {
     fn update(&mut self, e: &EgressConfig, now: f64) {
         self.helo = e.helo.clone();
         self.paused = e.paused;
+        self.warm = e.warm;
+        self.overflow_to_warm = e.overflow_to_warm;
         self.limits = QuotaLimits {
             daily: e.daily_quota,
             hourly: e.hourly_quota,
@@ -298,6 +304,11 @@ impl AddrState {
         at
     }
 
+    /// The start of the quota window that contains `now` (identifies the window).
+    fn window_begin(&self, now: f64) -> i64 {
+        self.window.begin(now)
+    }
+
     fn count(&mut self, group: ProviderGroup, now: f64) {
         let w = self.window;
         self.sent.roll(now, w);
@@ -333,8 +344,13 @@ pub struct SavedCounter {
 /// Why no connection may be opened now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Unavailable {
-    /// Every candidate address is over quota until this Unix time.
-    OverQuota { until: f64 },
+    /// Every candidate address is over quota until this Unix time; `address` is the one that
+    /// opens first and `window` the start of its current quota window.
+    OverQuota {
+        until: f64,
+        address: IpAddr,
+        window: i64,
+    },
     /// Every candidate address is at its connection limit; retry when one closes.
     Busy,
     /// No candidate address may send at all (none configured, or all paused).
@@ -346,8 +362,9 @@ pub enum Unavailable {
 pub enum MessageSlot {
     /// Send after waiting this long (rate limits); the quota is already counted.
     Go(Duration),
-    /// The address is over quota until this Unix time.
-    OverQuota { until: f64 },
+    /// The address is over quota until this Unix time; `window` is the start of its current
+    /// quota window.
+    OverQuota { until: f64, window: i64 },
     /// The address was removed or paused since the connection opened: send no more from it.
     Stop,
 }
@@ -356,11 +373,11 @@ pub enum MessageSlot {
 #[derive(Debug)]
 pub struct Shaper {
     state: Mutex<ShaperState>,
-    pub overflow: OverflowPolicy,
 }
 
 #[derive(Debug)]
 struct ShaperState {
+    overflow: OverflowPolicy,
     order: Vec<IpAddr>,
     addrs: HashMap<IpAddr, AddrState>,
     /// Addresses removed by a reconfiguration (or counters restored for addresses not
@@ -400,13 +417,13 @@ impl Shaper {
     pub fn new(egress: &[EgressConfig], shaping: &ShapingConfig, now: f64) -> Arc<Self> {
         let shaper = Arc::new(Shaper {
             state: Mutex::new(ShaperState {
+                overflow: shaping.overflow,
                 order: Vec::new(),
                 addrs: HashMap::new(),
                 retired: HashMap::new(),
                 providers: BTreeMap::new(),
                 next: 0,
             }),
-            overflow: shaping.overflow,
         });
         shaper.reconfigure(egress, shaping, now);
         shaper
@@ -423,6 +440,7 @@ impl Shaper {
     pub fn reconfigure(&self, egress: &[EgressConfig], shaping: &ShapingConfig, now: f64) {
         let mut st = self.lock();
         let st = &mut *st;
+        st.overflow = shaping.overflow;
         let keep: std::collections::HashSet<IpAddr> = egress.iter().map(|e| e.address).collect();
         let gone: Vec<IpAddr> = st
             .addrs
@@ -494,16 +512,62 @@ impl Shaper {
             .filter(|n| *n > 0)
     }
 
-    /// The next address in round-robin order, used to spread mail evenly when each message
-    /// is assigned an address up front (overflow policy `wait`).
-    pub fn assign(&self) -> Option<IpAddr> {
+    /// Whether each message is assigned an address up front (overflow policy `wait`).
+    pub fn pinned(&self) -> bool {
+        self.lock().overflow == OverflowPolicy::Wait
+    }
+
+    /// The next address in round-robin order among those that may send (configured, not
+    /// paused) and are in `among` (all when `None`), used to spread mail evenly when each
+    /// message is assigned an address up front (overflow policy `wait`).
+    pub fn assign(&self, among: Option<&[IpAddr]>) -> Option<IpAddr> {
         let mut st = self.lock();
-        if st.order.is_empty() {
+        let usable: Vec<IpAddr> = st
+            .order
+            .iter()
+            .filter(|ip| among.is_none_or(|a| a.contains(ip)))
+            .filter(|ip| st.addrs.get(ip).is_some_and(|a| !a.paused))
+            .copied()
+            .collect();
+        if usable.is_empty() {
             return None;
         }
-        let i = st.next % st.order.len();
+        let i = st.next % usable.len();
         st.next = st.next.wrapping_add(1);
-        Some(st.order[i])
+        Some(usable[i])
+    }
+
+    /// Whether `address` is configured and not paused.
+    pub fn is_usable(&self, address: IpAddr) -> bool {
+        self.lock().addrs.get(&address).is_some_and(|a| !a.paused)
+    }
+
+    /// Whether mail over the quota of `address` may leave from warm addresses.
+    pub fn overflows_to_warm(&self, address: IpAddr) -> bool {
+        self.lock()
+            .addrs
+            .get(&address)
+            .is_some_and(|a| a.overflow_to_warm)
+    }
+
+    /// The warm addresses that may take the overflow of `from`: configured, not paused,
+    /// `warm`, in `among` (all when `None`), other than `from`, in configuration order.
+    pub fn warm_addresses(&self, from: IpAddr, among: Option<&[IpAddr]>) -> Vec<IpAddr> {
+        let st = self.lock();
+        st.order
+            .iter()
+            .filter(|ip| **ip != from && among.is_none_or(|a| a.contains(ip)))
+            .filter(|ip| st.addrs.get(ip).is_some_and(|a| a.warm && !a.paused))
+            .copied()
+            .collect()
+    }
+
+    /// Whether `address` may send a message toward `group` now as far as its quotas go.
+    pub fn has_quota(&self, address: IpAddr, group: ProviderGroup, now: f64) -> bool {
+        self.lock()
+            .addrs
+            .get_mut(&address)
+            .is_some_and(|a| a.quota_opens_at(Some(group), now).is_none())
     }
 
     /// Sets the quotas of an address (the warm-up engine's knob). Unknown addresses are ignored
@@ -585,12 +649,13 @@ impl Shaper {
         }
     }
 
-    /// Opens a connection slot toward `group`, on `only` if given, otherwise on the address
-    /// with quota left and the fewest connections (ties: most quota left, then config order).
+    /// Opens a connection slot toward `group` on one of `among` (every address when `None`):
+    /// the one with quota left and the fewest connections (ties: most quota left, then the
+    /// order of `among` or of the configuration).
     pub fn acquire(
         self: &Arc<Self>,
         group: ProviderGroup,
-        only: Option<IpAddr>,
+        among: Option<&[IpAddr]>,
         now: f64,
     ) -> Result<ConnectionPermit, Unavailable> {
         let mut st = self.lock();
@@ -598,11 +663,11 @@ impl Shaper {
             .providers
             .get(&group)
             .and_then(|p| p.max_connections_per_address);
-        let candidates: Vec<IpAddr> = match only {
-            Some(ip) => vec![ip],
+        let candidates: Vec<IpAddr> = match among {
+            Some(ips) => ips.to_vec(),
             None => st.order.clone(),
         };
-        let mut earliest_quota: Option<f64> = None;
+        let mut earliest_quota: Option<(f64, IpAddr, i64)> = None;
         let mut best: Option<(IpAddr, usize, u64)> = None;
         let mut usable = 0usize;
         let mut over_quota = 0usize;
@@ -616,7 +681,9 @@ impl Shaper {
             usable += 1;
             if let Some(until) = a.quota_opens_at(Some(group), now) {
                 over_quota += 1;
-                earliest_quota = Some(earliest_quota.map_or(until, |e| e.min(until)));
+                if earliest_quota.is_none_or(|(e, _, _)| until < e) {
+                    earliest_quota = Some((until, ip, a.window_begin(now)));
+                }
                 continue;
             }
             if a.max_connections.is_some_and(|m| a.connections >= m) {
@@ -645,7 +712,11 @@ impl Shaper {
                 _ if usable == 0 => Unavailable::NoAddress,
                 // Only report over quota when no address was merely busy: a busy one frees up
                 // sooner than a quota window opens.
-                Some(until) if over_quota == usable => Unavailable::OverQuota { until },
+                Some((until, address, window)) if over_quota == usable => Unavailable::OverQuota {
+                    until,
+                    address,
+                    window,
+                },
                 _ => Unavailable::Busy,
             });
         };
@@ -679,7 +750,10 @@ impl Shaper {
             return MessageSlot::Stop;
         }
         if let Some(until) = a.quota_opens_at(Some(group), now) {
-            return MessageSlot::OverQuota { until };
+            return MessageSlot::OverQuota {
+                until,
+                window: a.window_begin(now),
+            };
         }
         a.count(group, now);
         let mut wait = 0.0f64;
@@ -711,6 +785,8 @@ mod tests {
             quota_window_seconds: None,
             provider_quotas: BTreeMap::new(),
             paused: false,
+            warm: false,
+            overflow_to_warm: false,
             max_connections: None,
             messages_per_second: None,
         }
@@ -760,7 +836,7 @@ mod tests {
         assert_eq!(p.address.to_string(), "127.0.0.3");
         drop(p);
         let p = shaper
-            .acquire(ProviderGroup::Other, Some(ip2), now)
+            .acquire(ProviderGroup::Other, Some(&[ip2]), now)
             .unwrap();
         assert_eq!(
             shaper.message_slot(p.address, ProviderGroup::Other, now),
@@ -772,7 +848,7 @@ mod tests {
         );
         assert!(matches!(
             shaper.message_slot(p.address, ProviderGroup::Other, now),
-            MessageSlot::OverQuota { until } if until == 1_036_800.0
+            MessageSlot::OverQuota { until, window: 950_400 } if until == 1_036_800.0
         ));
         drop(p);
         shaper.set_quota("127.0.0.3".parse().unwrap(), Some(1), None);
@@ -782,20 +858,24 @@ mod tests {
         // Pinned to the exhausted address, the caller is told when the day ends.
         assert_eq!(
             shaper
-                .acquire(ProviderGroup::Other, Some(ip2), now)
+                .acquire(ProviderGroup::Other, Some(&[ip2]), now)
                 .unwrap_err(),
-            Unavailable::OverQuota { until: 1_036_800.0 }
+            Unavailable::OverQuota {
+                until: 1_036_800.0,
+                address: ip2,
+                window: 950_400
+            }
         );
         // The next day the quota is fresh.
         assert!(
             shaper
-                .acquire(ProviderGroup::Other, Some(ip2), now + 86_400.0)
+                .acquire(ProviderGroup::Other, Some(&[ip2]), now + 86_400.0)
                 .is_ok()
         );
         // Raising the quota (warm-up advancing) reopens the address at once.
         assert!(shaper.set_quota(ip2, Some(10), None));
         assert!(!shaper.set_quota("10.0.0.1".parse().unwrap(), Some(10), None));
-        assert!(shaper.acquire(ProviderGroup::Other, Some(ip2), now).is_ok());
+        assert!(shaper.acquire(ProviderGroup::Other, Some(&[ip2]), now).is_ok());
     }
 
     #[test]
@@ -943,13 +1023,20 @@ mod tests {
         ));
         assert_eq!(
             shaper.message_slot(ip, ProviderGroup::Gmail, 121.0),
-            MessageSlot::OverQuota { until: 150.0 }
+            MessageSlot::OverQuota {
+                until: 150.0,
+                window: 50
+            }
         );
         assert_eq!(
             shaper
                 .acquire(ProviderGroup::Gmail, None, 121.0)
                 .unwrap_err(),
-            Unavailable::OverQuota { until: 150.0 }
+            Unavailable::OverQuota {
+                until: 150.0,
+                address: ip,
+                window: 50
+            }
         );
         // Other groups still have the address's quota (3, one used).
         assert!(matches!(
@@ -962,7 +1049,10 @@ mod tests {
         ));
         assert_eq!(
             shaper.message_slot(ip, ProviderGroup::Other, 124.0),
-            MessageSlot::OverQuota { until: 150.0 }
+            MessageSlot::OverQuota {
+                until: 150.0,
+                window: 50
+            }
         );
         // The next window opens at 150.
         assert!(matches!(

@@ -661,11 +661,12 @@ impl<'a> Session<'a> {
             return Next::Continue;
         }
         if let Some(sd) = &self.sender_domain
-            && self
+            && (self
                 .cfg
                 .suppressed
                 .get(sd)
                 .is_some_and(|set| set.contains(&to.trim().to_ascii_lowercase()))
+                || self.inb.delivery.suppressions.contains(sd, &to))
         {
             self.inb.metrics.refused("suppressed_recipient");
             let t = format!(

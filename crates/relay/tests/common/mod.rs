@@ -348,6 +348,8 @@ delivery:
             quota_window_seconds: None,
             provider_quotas: Default::default(),
             paused: false,
+            warm: false,
+            overflow_to_warm: false,
             max_connections: None,
             messages_per_second: None,
         })
