@@ -604,8 +604,14 @@ mod tests {
     fn hard_bounces_are_bad_addresses_only() {
         assert!(is_hard_bounce(&r(550, "5.1.1 no such user (test sink)")));
         assert!(is_hard_bounce(&r(550, "5.2.1 mailbox disabled")));
-        assert!(is_hard_bounce(&r(556, "5.1.10 dest.test does not accept mail")));
-        assert!(is_hard_bounce(&r(550, "Requested action not taken: user unknown")));
+        assert!(is_hard_bounce(&r(
+            556,
+            "5.1.10 dest.test does not accept mail"
+        )));
+        assert!(is_hard_bounce(&r(
+            550,
+            "Requested action not taken: user unknown"
+        )));
         // Policy blocks, full mailboxes, size, expiry and temporary failures are not.
         assert!(!is_hard_bounce(&r(554, "5.7.1 blocked by policy")));
         assert!(!is_hard_bounce(&r(552, "5.2.2 mailbox full")));

@@ -486,9 +486,7 @@ impl RelayConfig {
         if let Some(h) = &self.feedback.token_sha256
             && crate::feedback::parse_sha256_hex(h).is_none()
         {
-            return invalid(
-                "feedback.tokenSha256 must be a SHA-256 in hex (64 hex digits)".into(),
-            );
+            return invalid("feedback.tokenSha256 must be a SHA-256 in hex (64 hex digits)".into());
         }
         let mut seen = std::collections::HashSet::new();
         for e in &self.egress {

@@ -816,9 +816,9 @@ pub fn relay_config(
                 .addresses
                 .iter()
                 .map(|a| {
-                    a.trim().parse::<IpAddr>().map_err(|e| {
-                        bad(format!("dedicated address {a:?} of {}: {e}", d.domain))
-                    })
+                    a.trim()
+                        .parse::<IpAddr>()
+                        .map_err(|e| bad(format!("dedicated address {a:?} of {}: {e}", d.domain)))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(SendingDomainConfig {

@@ -574,9 +574,8 @@ impl Delivery {
                 }
                 MessageSlot::OverQuota { until, window } => {
                     let own = job.address.filter(|_| self.shaper.pinned());
-                    let stays = own.is_some_and(|a| {
-                        a == permit.address && !self.shaper.overflows_to_warm(a)
-                    });
+                    let stays = own
+                        .is_some_and(|a| a == permit.address && !self.shaper.overflows_to_warm(a));
                     let held = Held {
                         address: permit.address,
                         group: permit.group,
@@ -634,8 +633,7 @@ impl Delivery {
         }
         match job.address {
             Some(own) if own != address && self.shaper.pinned() => {
-                !self.shaper.overflows_to_warm(own)
-                    || self.shaper.has_quota(own, group, unix_now())
+                !self.shaper.overflows_to_warm(own) || self.shaper.has_quota(own, group, unix_now())
             }
             _ => false,
         }

@@ -84,7 +84,10 @@ async fn read_head(r: &mut BufReader<TcpStream>) -> Result<Head, HeadError> {
         }
         lines.push(line);
     }
-    let mut first = lines.first().ok_or(HeadError::Malformed)?.split_whitespace();
+    let mut first = lines
+        .first()
+        .ok_or(HeadError::Malformed)?
+        .split_whitespace();
     let method = first.next().ok_or(HeadError::Malformed)?.to_string();
     let path = first.next().ok_or(HeadError::Malformed)?.to_string();
     let mut head = Head {
@@ -168,9 +171,7 @@ async fn route(
     match (head.method.as_str(), path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics.render()),
         ("GET", "/healthz") => text(200, "ok\n"),
-        ("GET", "/readyz") if metrics.ready.load(Ordering::Relaxed) => {
-            text(200, "ready\n")
-        }
+        ("GET", "/readyz") if metrics.ready.load(Ordering::Relaxed) => text(200, "ready\n"),
         ("GET", "/readyz") => text(503, "not ready\n"),
         ("POST", "/v1/feedback") => {
             let answer = feedback(r, &head, &state.feedback).await;

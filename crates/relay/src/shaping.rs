@@ -875,7 +875,11 @@ mod tests {
         // Raising the quota (warm-up advancing) reopens the address at once.
         assert!(shaper.set_quota(ip2, Some(10), None));
         assert!(!shaper.set_quota("10.0.0.1".parse().unwrap(), Some(10), None));
-        assert!(shaper.acquire(ProviderGroup::Other, Some(&[ip2]), now).is_ok());
+        assert!(
+            shaper
+                .acquire(ProviderGroup::Other, Some(&[ip2]), now)
+                .is_ok()
+        );
     }
 
     #[test]
