@@ -554,6 +554,18 @@ shaping:
     }
 
     #[test]
+    fn feedback_token_hash_must_be_a_sha256() {
+        let text = format!("{MINIMAL}feedback:\n  tokenSha256: {}\n", "0f".repeat(32));
+        let c: RelayConfig = serde_yaml::from_str(&text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.feedback.token_sha256, Some("0f".repeat(32)));
+        let text = format!("{MINIMAL}feedback:\n  tokenSha256: my-token\n");
+        let c: RelayConfig = serde_yaml::from_str(&text).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("feedback.tokenSha256"), "{err}");
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let text = MINIMAL.replace("hostname:", "hostnme: x\nhostname:");
         assert!(serde_yaml::from_str::<RelayConfig>(&text).is_err());

@@ -1563,6 +1563,129 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_translates_warm_state_overflow_dedicated_addresses_and_feedback_token() {
+        let hash = "AB".repeat(32);
+        let snap = v1::RelayConfig {
+            version: 5,
+            addresses: vec![
+                v1::EgressAddress {
+                    address: "127.0.0.2".into(),
+                    helo_name: String::new(),
+                    state: v1::AddressState::Warming as i32,
+                },
+                v1::EgressAddress {
+                    address: "127.0.0.3".into(),
+                    helo_name: String::new(),
+                    state: v1::AddressState::Warm as i32,
+                },
+            ],
+            quotas: vec![
+                v1::AddressQuota {
+                    address: "127.0.0.2".into(),
+                    window_limit: 10,
+                    overflow_to_warm: true,
+                    ..Default::default()
+                },
+                v1::AddressQuota {
+                    address: "127.0.0.3".into(),
+                    window_limit: 10,
+                    overflow_to_warm: false,
+                    ..Default::default()
+                },
+            ],
+            domains: vec![v1::SendingDomain {
+                domain: "example.test".into(),
+                addresses: vec!["127.0.0.3".into()],
+                ..Default::default()
+            }],
+            listener: Some(v1::Listener {
+                feedback_token_sha256: hash.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = relay_config(&base(), &snap).unwrap();
+        assert_eq!(c.shaping.overflow, OverflowPolicy::Wait);
+        let view: Vec<(bool, bool)> = c
+            .egress
+            .iter()
+            .map(|e| (e.warm, e.overflow_to_warm))
+            .collect();
+        assert_eq!(view, vec![(false, true), (true, false)]);
+        assert_eq!(
+            c.sending_domains[0].addresses,
+            vec!["127.0.0.3".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.feedback.token_sha256.as_deref(),
+            Some(hash.to_ascii_lowercase().as_str())
+        );
+
+        // A malformed token hash only leaves the endpoint off; a malformed dedicated address
+        // refuses the snapshot.
+        let mut odd = snap.clone();
+        odd.listener.as_mut().unwrap().feedback_token_sha256 = "not-hex".into();
+        assert_eq!(
+            relay_config(&base(), &odd).unwrap().feedback.token_sha256,
+            None
+        );
+        let mut bad = snap.clone();
+        bad.domains[0].addresses = vec!["nowhere".into()];
+        let err = relay_config(&base(), &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("dedicated address") && err.contains("nowhere"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn suppression_journal_survives_reopen_and_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = |r: &str| v1::Suppression {
+            domain: "example.test".into(),
+            recipient: r.into(),
+            reason: v1::SuppressionReason::HardBounce as i32,
+        };
+        let j = SuppressionJournal::open(dir.path()).unwrap();
+        j.append(&s("a@dest.test")).unwrap();
+        j.append(&s("b@dest.test")).unwrap();
+        j.append(&s("a@dest.test")).unwrap();
+        drop(j);
+        // A crash in the middle of the next record leaves part of it behind.
+        let path = dir.path().join(SUPPRESSIONS_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let torn = s("c@dest.test").encode_length_delimited_to_vec();
+        bytes.extend_from_slice(&torn[..torn.len() / 2]);
+        std::fs::write(&path, &bytes).unwrap();
+        let j = SuppressionJournal::open(dir.path()).unwrap();
+        assert_eq!(j.pending().len(), 3);
+        assert_eq!(
+            j.lock()
+                .distinct()
+                .iter()
+                .map(|s| s.recipient.as_str())
+                .collect::<Vec<_>>(),
+            vec!["a@dest.test", "b@dest.test"]
+        );
+        // New records after the repaired tail read back; clearing empties the file.
+        j.append(&s("d@dest.test")).unwrap();
+        drop(j);
+        let j = SuppressionJournal::open(dir.path()).unwrap();
+        assert_eq!(j.pending().len(), 4);
+        j.lock().clear(&path).unwrap();
+        drop(j);
+        assert!(
+            SuppressionJournal::open(dir.path())
+                .unwrap()
+                .pending()
+                .is_empty()
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
     fn deltas_are_differences_attributed_to_sending_domains() {
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
         let k = |o, d: &str| (Some(ip), ProviderGroup::Gmail, o, d.to_string());

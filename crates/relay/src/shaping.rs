@@ -883,6 +883,71 @@ mod tests {
     }
 
     #[test]
+    fn assignment_skips_paused_addresses_and_warm_addresses_take_overflow() {
+        let now = 1_000_000.0;
+        let mut warming = egress("127.0.0.2", Some(1));
+        warming.overflow_to_warm = true;
+        let mut warm = egress("127.0.0.3", Some(1));
+        warm.warm = true;
+        let mut paused = egress("127.0.0.4", None);
+        paused.paused = true;
+        paused.warm = true;
+        let mut cfg = ShapingConfig::default();
+        cfg.overflow = OverflowPolicy::Wait;
+        let shaper = Shaper::new(&[warming, warm, paused], &cfg, now);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(shaper.pinned());
+        let assigned: Vec<_> = (0..4).filter_map(|_| shaper.assign(None)).collect();
+        assert_eq!(
+            assigned,
+            vec![
+                ip("127.0.0.2"),
+                ip("127.0.0.3"),
+                ip("127.0.0.2"),
+                ip("127.0.0.3")
+            ]
+        );
+        assert_eq!(shaper.assign(Some(&[ip("127.0.0.4")])), None);
+        assert_eq!(
+            shaper.assign(Some(&[ip("127.0.0.3")])),
+            Some(ip("127.0.0.3"))
+        );
+        // Only the usable warm address takes the overflow of 127.0.0.2.
+        assert!(shaper.overflows_to_warm(ip("127.0.0.2")));
+        assert!(!shaper.overflows_to_warm(ip("127.0.0.3")));
+        assert_eq!(
+            shaper.warm_addresses(ip("127.0.0.2"), None),
+            vec![ip("127.0.0.3")]
+        );
+        assert!(
+            shaper
+                .warm_addresses(ip("127.0.0.2"), Some(&[ip("127.0.0.2")]))
+                .is_empty()
+        );
+        // Both spent: the one that opens first is named, with its window.
+        assert!(matches!(
+            shaper.message_slot(ip("127.0.0.2"), ProviderGroup::Other, now),
+            MessageSlot::Go(_)
+        ));
+        assert!(matches!(
+            shaper.message_slot(ip("127.0.0.3"), ProviderGroup::Other, now),
+            MessageSlot::Go(_)
+        ));
+        assert!(!shaper.has_quota(ip("127.0.0.3"), ProviderGroup::Other, now));
+        assert_eq!(
+            shaper.acquire(ProviderGroup::Other, None, now).unwrap_err(),
+            Unavailable::OverQuota {
+                until: 1_036_800.0,
+                address: ip("127.0.0.2"),
+                window: 950_400
+            }
+        );
+        // The policy follows a reconfiguration.
+        shaper.reconfigure(&[], &ShapingConfig::default(), now);
+        assert!(!shaper.pinned());
+    }
+
+    #[test]
     fn provider_connection_limit_per_address() {
         let now = 0.0;
         let mut cfg = ShapingConfig::default();

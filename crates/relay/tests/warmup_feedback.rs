@@ -556,3 +556,37 @@ async fn dedicated_addresses_carry_all_of_their_domains_mail() {
     relay.shutdown(Duration::from_secs(2)).await;
     s.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_relay_takes_complaints_with_the_token_hash_of_its_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &[("127.0.0.2", "out2.example.test")]);
+    cfg.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.delivery
+        .routes
+        .insert("*".into(), "127.0.0.1:9".parse().unwrap());
+    let yaml = format!("tokenSha256: {}\n", sha256_hex(TOKEN));
+    cfg.feedback = serde_yaml::from_str(&yaml).unwrap();
+    let relay = mailfleet_relay::Relay::start(cfg).await.unwrap();
+    let http = relay.http_addr.unwrap();
+    let (status, _) = post_feedback(http, Some("guess"), ARF).await;
+    assert_eq!(status, 401);
+    let (status, body) = post_feedback(http, Some(TOKEN), ARF).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains("complainer@dest.example.test"), "{body}");
+    let r = rcpt_reply(
+        relay.smtp_addr,
+        "s@example.test",
+        "complainer@dest.example.test",
+    )
+    .await;
+    assert!(r.starts_with("550 5.7.1"), "{r}");
+    let metrics = http_get(http, "/metrics").await;
+    assert!(
+        metrics.contains(
+            "mailfleet_relay_complaints_total{address=\"127.0.0.2\",provider=\"other\"} 1"
+        ),
+        "{metrics}"
+    );
+    relay.shutdown(Duration::from_secs(2)).await;
+}
