@@ -892,8 +892,10 @@ mod tests {
         let mut paused = egress("127.0.0.4", None);
         paused.paused = true;
         paused.warm = true;
-        let mut cfg = ShapingConfig::default();
-        cfg.overflow = OverflowPolicy::Wait;
+        let cfg = ShapingConfig {
+            overflow: OverflowPolicy::Wait,
+            ..Default::default()
+        };
         let shaper = Shaper::new(&[warming, warm, paused], &cfg, now);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!(shaper.pinned());
