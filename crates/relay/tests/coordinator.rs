@@ -1,16 +1,17 @@
 //! Coordinated mode against an in-test Coordinator (the generated tonic server trait, mTLS
-//! with rcgen-made certificates, in tests/common/coordinator.rs), with Knot serving MX records
+//! with rcgen-made certificates, in tests/coordinator_harness), with Knot serving MX records
 //! and the aiosmtpd sink as MX: registration, live reconfiguration, quotas, sequenced reports
 //! that survive lost acks and restarts, the stored snapshot when the coordinator is gone, and
 //! certificate checks.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod coordinator_harness;
 
 use std::time::Duration;
 
-use common::coordinator::*;
 use common::*;
+use coordinator_harness::*;
 use mailfleet_proto::v1;
 use mailfleet_relay::coordinator::Coordinated;
 use tonic::transport::Certificate;

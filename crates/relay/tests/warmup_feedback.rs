@@ -3,18 +3,19 @@
 //! hard bounces at the sink becoming suppressions, quotas whose overflow goes to warm
 //! addresses or waits (counted as DEFERRED_BY_WARMUP once per message), and dedicated
 //! addresses. Real peers: Knot serves the MX records, the aiosmtpd sink records the source
-//! address of every message; the coordinator is the in-test one of tests/common.
+//! address of every message; the coordinator is the in-test one of tests/coordinator_harness.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+mod coordinator_harness;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::coordinator::*;
 use common::*;
+use coordinator_harness::*;
 use mailfleet_proto::v1;
 use mailfleet_relay::coordinator::Coordinated;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

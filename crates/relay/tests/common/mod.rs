@@ -3,8 +3,6 @@
 //! MX records, the aiosmtpd sink, DKIM keys, and a minimal SMTP client for protocol tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-pub mod coordinator;
-
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,6 +1,8 @@
 //! The coordinated-mode harness of the integration tests: an in-test Coordinator (the
 //! generated tonic server trait, mTLS with rcgen-made certificates) that records what it is
-//! told, and helpers to start relays against it.
+//! told, and helpers to start relays against it. (Not in `common`, which the mailfleet
+//! crate's tests include too.)
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::*;
+use crate::common::*;
 use mailfleet_proto::v1;
 use mailfleet_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use mailfleet_relay::RelayConfig;
