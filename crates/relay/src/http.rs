@@ -18,6 +18,9 @@ use crate::metrics::Metrics;
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long, and how much, of an unread request body is drained after the answer.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = MAX_BODY_BYTES;
 
 /// What the handlers need.
 #[derive(Debug)]
@@ -159,6 +162,16 @@ async fn handle(stream: TcpStream, state: &HttpState) {
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(body.as_bytes()).await;
     let _ = stream.shutdown().await;
+    // Lingering close: a refused request's body may still be arriving, and closing with
+    // unread data would reset the connection before the client read the answer.
+    let mut sink = [0u8; 8192];
+    let mut left = LINGER_BYTES;
+    while left > 0 {
+        match tokio::time::timeout(LINGER, r.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
 }
 
 async fn route(

@@ -223,6 +223,24 @@ async fn arf_complaints_are_authenticated_reported_durably_and_suppress_the_reci
     assert_eq!(status, 401, "{body}");
     let (status, body) = post_feedback(http, Some("not-the-token"), ARF).await;
     assert_eq!(status, 401, "{body}");
+    // A large body is not read before the token is checked, and the answer still arrives.
+    let padded = format!("{ARF}{}", "x".repeat(2 * 1024 * 1024));
+    let (status, body) = post_feedback(http, Some("not-the-token"), &padded).await;
+    assert_eq!(status, 401, "{body}");
+    // Over the size limit: refused from the announced length.
+    let mut c = tokio::net::TcpStream::connect(http).await.unwrap();
+    c.write_all(
+        format!(
+            "POST /v1/feedback HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\n\r\n",
+            5 * 1024 * 1024
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 413 "), "{out}");
     // With the token: not a report (400), a report that names no sending domain (422).
     let (status, body) = post_feedback(http, Some(TOKEN), "Subject: hi\r\n\r\nhello\r\n").await;
     assert_eq!(status, 400, "{body}");
@@ -294,7 +312,8 @@ async fn arf_complaints_are_authenticated_reported_durably_and_suppress_the_reci
     let metrics = http_get(http, "/metrics").await;
     for line in [
         "mailfleet_relay_feedback_requests_total{result=\"accepted\"} 1",
-        "mailfleet_relay_feedback_requests_total{result=\"unauthorized\"} 2",
+        "mailfleet_relay_feedback_requests_total{result=\"unauthorized\"} 3",
+        "mailfleet_relay_feedback_requests_total{result=\"too_large\"} 1",
         "mailfleet_relay_feedback_requests_total{result=\"disabled\"} 1",
         "mailfleet_relay_feedback_requests_total{result=\"bad_request\"} 1",
         "mailfleet_relay_feedback_requests_total{result=\"unattributable\"} 1",
