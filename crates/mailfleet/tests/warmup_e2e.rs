@@ -9,6 +9,9 @@
 //!   with `overflow: warmAddresses` mail over its limit leaves from the warm address;
 //! - an address listed on a DNSBL zone served by Knot is quarantined (no mail leaves from
 //!   it) and returns when delisted;
+//! - an ARF complaint posted to a relay's feedback endpoint (with the pool's bearer token)
+//!   pauses the address, puts the recipient on the domain's suppression list so the relays
+//!   refuse it at RCPT, and the resume annotation brings the address back;
 //! - a restarted operator carries on from the plans' status.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -206,6 +209,37 @@ fn nsupdate(knot: &Knot, line: &str) {
     );
 }
 
+/// An ARF (RFC 5965) complaint about a message from `source` for `domain` to `rcpt`.
+fn arf(source: &str, domain: &str, rcpt: &str) -> String {
+    format!(
+        "From: FBL <fbl@provider.example.net>\r\nTo: abuse@{domain}\r\nSubject: complaint\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=feedback-report; \
+         boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n\
+         \r\n--b1\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n\
+         User-Agent: FBL/1.0\r\nVersion: 1\r\nOriginal-Mail-From: <app@{domain}>\r\n\
+         Original-Rcpt-To: <{rcpt}>\r\nSource-IP: {source}\r\nReported-Domain: {domain}\r\n\
+         \r\n--b1\r\nContent-Type: message/rfc822\r\n\r\nFrom: App <app@{domain}>\r\n\
+         To: <{rcpt}>\r\nSubject: warm-up\r\n\r\nhello\r\n\r\n--b1--\r\n"
+    )
+}
+
+/// POSTs `body` to `http://addr/path` with a bearer token; returns the status line and body.
+fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: relay\r\n{auth}Content-Type: message/rfc822\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 #[test]
 fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
     let dir = tempfile::tempdir().unwrap();
@@ -284,6 +318,18 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
         s,
         q,
     ));
+    // fbl: a complaint pauses the address.
+    manifests.push_str(&plan_manifest(
+        "fbl",
+        "  stages:\n    - dailyLimit: 100\n    - dailyLimit: 200\n  onBreach:\n    action: pause\n",
+    ));
+    manifests.push_str(&pool_manifest(
+        "fbl",
+        &["127.0.8.1", "127.0.8.2"],
+        smtp_port,
+        s,
+        q,
+    ));
     let path = root.join("warmup.yaml");
     std::fs::write(&path, manifests).unwrap();
     k.ok(&["apply", "-f", path.to_str().unwrap()]);
@@ -299,7 +345,13 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
         let ip = pod_ip(&k, "mail", &format!("{pool}-0"));
         SocketAddr::new(ip.parse().unwrap(), smtp_port)
     };
-    for (pool, n) in [("ramp", 2), ("spike", 1), ("overflow", 1), ("listed", 2)] {
+    for (pool, n) in [
+        ("ramp", 2),
+        ("spike", 1),
+        ("overflow", 1),
+        ("listed", 2),
+        ("fbl", 2),
+    ] {
         eventually(
             120,
             &format!("{pool} ready with {n} address(es) in its plan"),
@@ -411,6 +463,17 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
         );
     }
     assert_eq!(sent.len(), 2, "both ramp addresses sent: {sent:?}");
+    // The mail held back by the limits is counted, once per message and window.
+    let held: i64 = k.json(&["-n", "mail", "get", "relaypool", "ramp"])["status"]["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["deferredByWarmup"].as_i64())
+        .sum();
+    assert!(
+        (1..=2 * 40).contains(&held),
+        "40 messages against limits of 4 and 8: {held} held by warm-up"
+    );
 
     // The bounce spike: spike reaches stage 3 on clean mail, then bounces step it back.
     eventually(60, "spike at stage 3", || {
@@ -514,6 +577,100 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
         over.get("127.0.6.1").map_or(0, Vec::len) >= 10 - from_new,
         "the rest left from the warm address: {over:?}"
     );
+
+    // Complaints: five messages, then a feedback loop reports one of them as abuse.
+    let fbl_relay = relay("fbl");
+    let fbl_rcpts = recipients("fbl", 5);
+    send(&rt, fbl_relay, "fbl.example.test", &fbl_rcpts);
+    eventually(60, "the 5 fbl messages", || {
+        (arrivals(&sink, "fbl-")
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            == 5)
+            .then_some(())
+    });
+    let feedback = SocketAddr::new(fbl_relay.ip(), 9091);
+    let report = arf("127.0.8.1", "fbl.example.test", &fbl_rcpts[2]);
+    let refused = post(feedback, "/v1/feedback", None, &report);
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let secret = k.json(&["-n", "mail", "get", "secret", "fbl-feedback"]);
+    use base64::Engine as _;
+    let token = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(secret["data"]["token"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let refused = post(feedback, "/v1/feedback", Some("not-the-token"), &report);
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let accepted = post(feedback, "/v1/feedback", Some(&token), &report);
+    assert!(accepted.starts_with("HTTP/1.1 202"), "{accepted}");
+    assert!(accepted.contains("127.0.8.1"), "{accepted}");
+    let p = eventually(60, "127.0.8.1 paused by the complaint", || {
+        let p = plan(&k, "fbl");
+        (state_of(&p, "127.0.8.1").1 == "paused").then_some(p)
+    });
+    let a = address(&p, "127.0.8.1").unwrap();
+    assert!(
+        a["lastDecision"]
+            .as_str()
+            .unwrap()
+            .contains("complaint rate"),
+        "{a}"
+    );
+    assert!(events(&k, "fbl").contains("WarmupPaused"));
+    // The recipient is on the domain's suppression list, and the relays refuse it.
+    eventually(30, "the suppression list names the complainer", || {
+        let cm = k.json(&["-n", "mail", "get", "configmap", "fbl-suppressions"]);
+        cm["data"]["recipients"]
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("{} complaint", fbl_rcpts[2])))
+            .then_some(())
+    });
+    let replies = send(&rt, fbl_relay, "fbl.example.test", &fbl_rcpts[2..3]);
+    assert!(replies[0].starts_with("550"), "{replies:?}");
+    // A paused address sends nothing: new mail leaves from the other one.
+    eventually(30, "the fbl pool shows the pause", || {
+        let pool = k.json(&["-n", "mail", "get", "relaypool", "fbl"]);
+        pool["status"]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["address"] == "127.0.8.1" && a["state"] == "paused")
+            .then_some(())
+    });
+    send(
+        &rt,
+        fbl_relay,
+        "fbl.example.test",
+        &recipients("fblwait", 4),
+    );
+    let after = eventually(60, "the 4 messages sent after the pause", || {
+        let a = arrivals(&sink, "fblwait-");
+        (a.values().map(Vec::len).sum::<usize>() == 4).then_some(a)
+    });
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        ["127.0.8.2"],
+        "mail left from a paused address: {after:?}"
+    );
+    // The resume annotation brings it back, and the engine removes the annotation.
+    k.ok(&[
+        "-n",
+        "mail",
+        "annotate",
+        "warmupplan",
+        "fbl",
+        "mailfleet.dev/resume=127.0.8.1",
+    ]);
+    eventually(60, "127.0.8.1 resumed", || {
+        let p = plan(&k, "fbl");
+        (state_of(&p, "127.0.8.1").1 == "warming"
+            && p["metadata"]["annotations"]["mailfleet.dev/resume"].is_null())
+        .then_some(())
+    });
+    assert!(events(&k, "fbl").contains("WarmupResumed"));
 
     // A restarted operator carries on from the plans' status: nothing starts over.
     let _ = Command::new("kill")
