@@ -244,10 +244,14 @@ pub async fn run(
         )));
     }
     // SendingDomains: keys, DNS records, verification, rotation.
-    let domains = Arc::new(sendingdomain::Context::new(
-        client.clone(),
-        Arc::clone(&metrics),
-    ));
+    let domains = Arc::new(
+        sendingdomain::Context::new(client.clone(), Arc::clone(&metrics)).with_reporter(
+            kube::runtime::events::Reporter {
+                controller: "mailfleet-operator".to_string(),
+                instance: Some(config.identity.clone()),
+            },
+        ),
+    );
     for ns in namespaces.iter().cloned() {
         controllers.push(tokio::spawn(sendingdomain::run(
             Arc::clone(&domains),
