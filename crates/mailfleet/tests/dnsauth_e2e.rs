@@ -16,8 +16,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use common::{Knot, Sink, TSIG, free_port, header, repo_root, require};
-use e2e::{Kubectl, condition, eventually, operator, pod_ip};
-use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+use e2e::{Cluster, condition, eventually, operator, pod_ip};
 use serde_json::Value;
 
 /// The Python with the independent verifiers (hack/requirements-test.txt).
@@ -72,24 +71,7 @@ fn mail_passes_dkim_spf_and_dmarc_checked_against_the_published_zone() {
             "mx.example.test. 60 A 127.0.0.1",
         ],
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut config = Config::new(root.join("cluster"));
-    config.runner = Some(RunnerConfig {
-        relay_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_mailfleet"))),
-        ..RunnerConfig::default()
-    });
-    let dc = rt.block_on(DevCluster::start(config)).unwrap();
-    let k = Kubectl {
-        kubeconfig: dc.kubeconfig.clone(),
-        home: root.to_path_buf(),
-    };
-    k.ok(&["apply", "-f", repo_root().join("crds").to_str().unwrap()]);
-    k.ok(&["create", "namespace", "mailfleet-system"]);
-    k.ok(&["create", "namespace", "mail"]);
+    let Cluster { dc, k, rt } = e2e::cluster(root);
     // The TSIG key Knot accepts updates with (hmac-sha256:update-key:<secret>).
     let tsig_secret = TSIG.rsplit(':').next().unwrap();
     k.ok(&[

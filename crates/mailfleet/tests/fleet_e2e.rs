@@ -12,13 +12,11 @@ mod common;
 mod e2e;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Knot, Sink, free_port, header, repo_root, require};
-use e2e::{Kubectl, condition, eventually, operator, pod_ip};
-use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+use common::{Knot, Sink, free_port, header, require};
+use e2e::{Cluster, Kubectl, condition, eventually, operator, pod_ip};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -123,17 +121,7 @@ fn fleet_sends_from_assigned_addresses_and_survives_scaling_and_operator_kill() 
             "mx.example.test. 60 A 127.0.0.1",
         ],
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut config = Config::new(root.join("cluster"));
-    config.runner = Some(RunnerConfig {
-        relay_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_mailfleet"))),
-        ..RunnerConfig::default()
-    });
-    let dc = rt.block_on(DevCluster::start(config)).unwrap();
+    let Cluster { dc, k, rt } = e2e::cluster(root);
     // The operator exports its traces to this receiver.
     let traces = Traces::default();
     let otlp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -150,13 +138,6 @@ fn fleet_sends_from_assigned_addresses_and_survives_scaling_and_operator_kill() 
                 .unwrap();
         });
     }
-    let k = Kubectl {
-        kubeconfig: dc.kubeconfig.clone(),
-        home: root.to_path_buf(),
-    };
-    k.ok(&["apply", "-f", repo_root().join("crds").to_str().unwrap()]);
-    k.ok(&["create", "namespace", "mailfleet-system"]);
-    k.ok(&["create", "namespace", "mail"]);
 
     // The domain's DKIM key, as a Secret the relays get their signing key from.
     let key_pem = String::from_utf8(

@@ -21,13 +21,11 @@ mod e2e;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Client, Knot, Sink, TSIG, free_port, header, require};
-use e2e::{Kubectl, eventually, operator, pod_ip};
-use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+use common::{Client, Knot, Sink, free_port, header};
+use e2e::{Cluster, Kubectl, eventually, operator, pod_ip};
 use serde_json::Value;
 
 const WINDOW_SECS: f64 = 4.0;
@@ -180,35 +178,6 @@ fn events(k: &Kubectl, name: &str) -> String {
         .collect()
 }
 
-fn nsupdate(knot: &Knot, line: &str) {
-    let mut child = Command::new(require("nsupdate"))
-        .args(["-y", TSIG])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(
-            format!(
-                "server 127.0.0.1 {}\nzone example.test\n{line}\nsend\n",
-                knot.port
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "nsupdate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An ARF (RFC 5965) complaint about a message from `source` for `domain` to `rcpt`.
 fn arf(source: &str, domain: &str, rcpt: &str) -> String {
     format!(
@@ -254,28 +223,7 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
             "1.7.0.127.bl.example.test. 60 A 127.0.0.2",
         ],
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut config = Config::new(root.join("cluster"));
-    config.runner = Some(RunnerConfig {
-        relay_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_mailfleet"))),
-        ..RunnerConfig::default()
-    });
-    let dc = rt.block_on(DevCluster::start(config)).unwrap();
-    let k = Kubectl {
-        kubeconfig: dc.kubeconfig.clone(),
-        home: root.to_path_buf(),
-    };
-    k.ok(&[
-        "apply",
-        "-f",
-        common::repo_root().join("crds").to_str().unwrap(),
-    ]);
-    k.ok(&["create", "namespace", "mailfleet-system"]);
-    k.ok(&["create", "namespace", "mail"]);
+    let Cluster { dc, k, rt } = e2e::cluster(root);
 
     let smtp_port = free_port();
     let (s, q) = (sink.port, knot.port);
@@ -427,7 +375,7 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
     assert!(events(&k, "listed").contains("AddressQuarantined"));
 
     // Delisting brings the address back.
-    nsupdate(&knot, "update delete 1.7.0.127.bl.example.test. A");
+    knot.update(&["update delete 1.7.0.127.bl.example.test. A".to_string()]);
     eventually(30, "127.0.7.1 delisted", || {
         (state_of(&plan(&k, "listed"), "127.0.7.1").1 == "warming").then_some(())
     });

@@ -8,7 +8,40 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use mailfleet_devcluster::{Config, DevCluster, RunnerConfig};
+
 use crate::common::{Proc, repo_root, require};
+
+/// devcluster running relay pods as `mailfleet relay` processes, with the CRDs installed,
+/// the namespaces `mailfleet-system` and `mail` created, and `kubectl` pointed at it.
+pub struct Cluster {
+    // Fields drop in this order: the cluster before the runtime it runs on.
+    pub dc: DevCluster,
+    pub k: Kubectl,
+    pub rt: tokio::runtime::Runtime,
+}
+
+pub fn cluster(root: &Path) -> Cluster {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = Config::new(root.join("cluster"));
+    config.runner = Some(RunnerConfig {
+        relay_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_mailfleet"))),
+        ..RunnerConfig::default()
+    });
+    let dc = rt.block_on(DevCluster::start(config)).unwrap();
+    let k = Kubectl {
+        kubeconfig: dc.kubeconfig.clone(),
+        home: root.to_path_buf(),
+    };
+    k.ok(&["apply", "-f", repo_root().join("crds").to_str().unwrap()]);
+    k.ok(&["create", "namespace", "mailfleet-system"]);
+    k.ok(&["create", "namespace", "mail"]);
+    Cluster { dc, k, rt }
+}
 
 pub fn kubectl_bin() -> PathBuf {
     std::env::var_os("KUBECTL")

@@ -193,9 +193,22 @@ impl Knot {
             dir: kdir,
             pid,
         };
-        let mut cmds = format!("server 127.0.0.1 {port}\nzone example.test\n");
-        for r in records {
-            cmds.push_str(&format!("update add {r}\n"));
+        let adds: Vec<String> = records.iter().map(|r| format!("update add {r}")).collect();
+        knot.update(&adds);
+        knot
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Sends one RFC 2136 update (nsupdate lines like `update add NAME TTL TYPE DATA` or
+    /// `update delete NAME TYPE`) to zone example.test, signed with the test TSIG key.
+    pub fn update(&self, lines: &[String]) {
+        let mut cmds = format!("server 127.0.0.1 {}\nzone example.test\n", self.port);
+        for l in lines {
+            cmds.push_str(l);
+            cmds.push('\n');
         }
         cmds.push_str("send\n");
         let mut child = Command::new(require("nsupdate"))
@@ -218,11 +231,6 @@ impl Knot {
             "nsupdate failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        knot
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 }
 
