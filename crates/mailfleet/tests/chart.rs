@@ -290,3 +290,326 @@ fn values_schema_refuses_bad_values() {
         );
     }
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot read {dir:?}: {e}")) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(rust_sources(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The identifier-like words (`[a-z0-9_]+`) of `text` that start with `prefix`, where the
+/// prefix begins a word.
+fn words_with_prefix(text: &str, prefix: &str) -> Vec<String> {
+    let is_word = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(i) = text[from..].find(prefix) {
+        let start = from + i;
+        from = start + prefix.len();
+        if text[..start].chars().next_back().is_some_and(is_word) {
+            continue;
+        }
+        let end = text[from..]
+            .find(|c: char| !is_word(c))
+            .map_or(text.len(), |n| from + n);
+        out.push(text[start..end].to_string());
+        from = end;
+    }
+    out
+}
+
+/// The metric names the relay and the operator export, read from their sources (comments
+/// left out): every `mailfleet_...` word, and the operator's `PREFIX` joined to the names its
+/// `Metrics` is called with (`count("reconciles_total", ...)`, `set_gauges("warmup_stage", ...)`:
+/// every method of crates/operator/src/metrics.rs whose first parameter is `name: &str`) or
+/// that it renders itself (`{PREFIX}leader`).
+fn exported_metric_names() -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let operator_metrics =
+        std::fs::read_to_string(repo().join("crates/operator/src/metrics.rs")).unwrap();
+    let prefix = operator_metrics
+        .split("const PREFIX: &str = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("crates/operator/src/metrics.rs defines const PREFIX")
+        .to_string();
+    let squeezed: String = operator_metrics
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let methods: Vec<String> = squeezed
+        .split("pubfn")
+        .skip(1)
+        .filter_map(|rest| {
+            let (name, params) = rest.split_once('(')?;
+            params
+                .starts_with("&self,name:&str")
+                .then(|| format!(".{name}("))
+        })
+        .collect();
+    assert!(
+        methods.iter().any(|m| m == ".count("),
+        "no naming method found in crates/operator/src/metrics.rs"
+    );
+    for crate_dir in ["crates/relay/src", "crates/operator/src"] {
+        for file in rust_sources(&repo().join(crate_dir)) {
+            let code: String = std::fs::read_to_string(&file)
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            names.extend(words_with_prefix(&code, "mailfleet_"));
+            if crate_dir != "crates/operator/src" {
+                continue;
+            }
+            for name in words_with_prefix(&code, "{PREFIX}") {
+                names.insert(format!("{prefix}{}", &name["{PREFIX}".len()..]));
+            }
+            for method in &methods {
+                for (i, _) in code.match_indices(method.as_str()) {
+                    let rest = code[i + method.len()..].trim_start();
+                    if let Some(lit) = rest.strip_prefix('"')
+                        && let Some(end) = lit.find('"')
+                    {
+                        names.insert(format!("{prefix}{}", &lit[..end]));
+                    }
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Every PromQL expression of a Grafana dashboard (panels, rows' panels, variables).
+fn dashboard_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", Value::String(s)) => out.push(s.clone()),
+                    ("query", Value::String(s)) if s.contains("mailfleet_") => out.push(s.clone()),
+                    _ => dashboard_exprs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| dashboard_exprs(i, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn scanning_the_sources_finds_the_metrics() {
+    // The scanner itself: the names both components document must come out of it, and a made
+    // up one must not, so the dashboard check below can fail.
+    let names = exported_metric_names();
+    for expected in [
+        "mailfleet_relay_deliveries_total",
+        "mailfleet_relay_queued_messages",
+        "mailfleet_relay_accepted_total",
+        "mailfleet_operator_reconciles_total",
+        "mailfleet_operator_reconcile_errors_total",
+        "mailfleet_operator_reconcile_duration_seconds",
+        "mailfleet_operator_coordinator_reports_total",
+        "mailfleet_operator_coordinator_registrations_total",
+        "mailfleet_operator_coordinator_connected_relays",
+        "mailfleet_operator_leader",
+        "mailfleet_operator_warmup_stage",
+        "mailfleet_operator_warmup_addresses",
+        "mailfleet_operator_warmup_decisions_total",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} not found in {names:#?}"
+        );
+    }
+    assert!(!names.contains("mailfleet_relay_delivered_total"));
+    assert_eq!(
+        words_with_prefix(
+            "x mailfleet_a_b{c} (mailfleet_d[5m]) notmailfleet_e",
+            "mailfleet_"
+        ),
+        ["mailfleet_a_b", "mailfleet_d"]
+    );
+    // What the relay really renders is found by the scan.
+    let m = mailfleet_relay::metrics::Metrics::default();
+    m.refused("not_allowed");
+    for line in m.render().lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        assert!(
+            names.contains(name),
+            "the relay renders {name}, the scan missed it"
+        );
+    }
+}
+
+#[test]
+fn grafana_dashboard_renders_and_queries_only_exported_metrics() {
+    assert!(
+        !docs(&render(&[])).iter().any(|d| d["kind"] == "ConfigMap"),
+        "the dashboard is off by default"
+    );
+    let rendered = render(&["--set", "grafana.dashboard.enabled=true"]);
+    validate_offline(&rendered, &tempdir("dashboard"));
+    let all = docs(&rendered);
+    let cm = all
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("a ConfigMap labelled grafana_dashboard: \"1\"");
+    let json = cm["data"]["mailfleet.json"]
+        .as_str()
+        .expect("the ConfigMap carries mailfleet.json");
+    let dashboard: Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("dashboard JSON: {e}"));
+    assert_eq!(dashboard["uid"], "mailfleet");
+
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 10, "too few queries: {exprs:#?}");
+    let exported = exported_metric_names();
+    let known = |name: &str| {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|b| exported.contains(*b));
+        exported.contains(name) || base.is_some()
+    };
+    let mut used = std::collections::BTreeSet::new();
+    for expr in &exprs {
+        let names = words_with_prefix(expr, "mailfleet_");
+        assert!(
+            !names.is_empty(),
+            "query without a mailfleet metric: {expr}"
+        );
+        for name in names {
+            assert!(
+                known(&name),
+                "the dashboard queries {name}, which neither the relay nor the operator exports \
+                 (crates/relay/src, crates/operator/src): {expr}"
+            );
+            used.insert(name);
+        }
+    }
+    // The panels the dashboard promises: warm-up, outcomes per provider, queue depth,
+    // reconciles and errors, connected relays.
+    for needed in [
+        "mailfleet_operator_warmup_stage",
+        "mailfleet_operator_warmup_addresses",
+        "mailfleet_relay_deliveries_total",
+        "mailfleet_relay_queued_messages",
+        "mailfleet_operator_reconciles_total",
+        "mailfleet_operator_reconcile_errors_total",
+        "mailfleet_operator_coordinator_connected_relays",
+    ] {
+        assert!(used.contains(needed), "no panel queries {needed}");
+    }
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("mailfleet_relay_deliveries_total") && e.contains("provider")),
+        "delivery outcomes are shown per provider group"
+    );
+}
+
+#[test]
+fn monitors_scrape_the_operator_and_the_relay_pods() {
+    let all = docs(&render(&["--set", "metrics.serviceMonitor.enabled=true"]));
+    let sm = all.iter().find(|d| d["kind"] == "ServiceMonitor").unwrap();
+    let svc = all
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "mf-mailfleet-coordinator")
+        .unwrap();
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &svc["metadata"]["labels"][k], v,
+            "ServiceMonitor must select the Service"
+        );
+    }
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    // The PodMonitor selects relay pods by the label the operator gives them.
+    let pm = all.iter().find(|d| d["kind"] == "PodMonitor").unwrap();
+    let pool: mailfleet_api::relaypool::RelayPool = serde_yaml::from_str(
+        &std::fs::read_to_string(repo().join("examples/relaypool.yaml")).unwrap(),
+    )
+    .unwrap();
+    let labels = mailfleet_operator::children::selector_labels(&pool);
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            labels.get(k).map(String::as_str),
+            v.as_str(),
+            "PodMonitor label {k} is not on relay pods: {labels:?}"
+        );
+    }
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert!(
+        !docs(&render(&[]))
+            .iter()
+            .any(|d| d["kind"] == "ServiceMonitor" || d["kind"] == "PodMonitor"),
+        "monitors are off by default"
+    );
+}
+
+#[test]
+fn operator_and_relays_run_the_dockerfile_image() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/mailfleet\"]"));
+    assert!(dockerfile.contains("cargo build --release --locked -p mailfleet"));
+    let user = dockerfile
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("the image names its user");
+    let all = docs(&render(&[]));
+    let deploy = all.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(
+        user.trim(),
+        format!(
+            "{}:{}",
+            pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
+        ),
+        "the chart runs the image's own user"
+    );
+    let c = &pod["containers"][0];
+    let image = c["image"].as_str().unwrap();
+    assert_eq!(
+        image, "ghcr.io/mailfleet/mailfleet:0.1.0",
+        "appVersion is the tag"
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.contains(&format!("--relay-image={image}").as_str()),
+        "relays default to the operator's image: {args:?}"
+    );
+    let all = docs(&render(&[
+        "--set",
+        "image.repository=mailfleet",
+        "--set",
+        "image.tag=e2e",
+        "--set",
+        "relay.image=registry.example/relay:2",
+    ]));
+    let deploy = all.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let c = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "mailfleet:e2e");
+    assert!(
+        c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--relay-image=registry.example/relay:2")
+    );
+}
