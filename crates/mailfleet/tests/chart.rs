@@ -613,3 +613,32 @@ fn operator_and_relays_run_the_dockerfile_image() {
             .any(|a| a == "--relay-image=registry.example/relay:2")
     );
 }
+
+#[test]
+fn metrics_doc_lists_exactly_the_exported_metrics() {
+    let exported: std::collections::BTreeSet<String> = exported_metric_names()
+        .into_iter()
+        .filter(|n| {
+            ["mailfleet_relay_", "mailfleet_operator_"]
+                .iter()
+                .any(|p| n.len() > p.len() && n.starts_with(p))
+                && !n.ends_with("_bucket")
+        })
+        .collect();
+    let doc = std::fs::read_to_string(repo().join("docs/metrics.md")).unwrap();
+    let documented: std::collections::BTreeSet<String> = doc
+        .split('`')
+        .filter(|w| {
+            (w.starts_with("mailfleet_relay_") || w.starts_with("mailfleet_operator_"))
+                && w.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        })
+        .map(str::to_string)
+        .collect();
+    let missing: Vec<_> = exported.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&exported).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "docs/metrics.md is out of step with the code: not documented {missing:?}, \
+         documented but not exported {stale:?}"
+    );
+}
