@@ -180,9 +180,16 @@ fn variants_render_and_validate() {
                 !all.iter().any(|d| d["kind"] == "PodDisruptionBudget"),
                 "no PDB for one replica"
             );
+            let roles: Vec<&Value> = all.iter().filter(|d| d["kind"] == "Role").collect();
             assert!(
-                !all.iter().any(|d| d["kind"] == "Role"),
+                roles.iter().all(|r| !r.to_string().contains("leases")),
                 "no lease Role without leader election"
+            );
+            // The single replica still labels its pod as the leader for the Service.
+            assert!(
+                roles.iter().any(|r| r["rules"][0]["resources"][0] == "pods"
+                    && r["rules"][0]["verbs"].to_string().contains("patch")),
+                "the leader-label Role is missing"
             );
         }
         if name == "namespaces" {

@@ -33,6 +33,8 @@ use tokio::sync::watch;
 pub const CA_SECRET: &str = "mailfleet-coordinator-ca";
 /// Name of the leader Lease.
 pub const LEASE_NAME: &str = "mailfleet-operator-leader";
+/// Label the leading replica puts on its own pod; the coordinator Service selects it.
+pub const LEADER_LABEL: &str = "mailfleet.dev/leader";
 
 /// Errors that stop the operator.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +159,9 @@ pub async fn run(
         duration: Duration::from_secs(15),
         renew: Duration::from_secs(3),
     };
+    metrics
+        .standby
+        .store(config.leader_election, Ordering::Relaxed);
     let leadership = if config.leader_election {
         tokio::select! {
             l = leader::acquire(client.clone(), lease.clone()) => Some(l),
@@ -170,7 +175,9 @@ pub async fn run(
         .as_ref()
         .map(|l| l.leading.clone())
         .unwrap_or(not_elected);
+    metrics.standby.store(false, Ordering::Relaxed);
     metrics.leader.store(true, Ordering::Relaxed);
+    label_leader_pod(&client, &config.namespace, &config.identity).await;
 
     let ca = Arc::new(load_or_create_ca(&client, &config.namespace).await?);
     let server = ca.issue_server()?;
@@ -305,6 +312,32 @@ pub async fn run(
     }
     tracing::info!("operator stopped");
     Ok(())
+}
+
+/// Marks this replica's pod as the leader, so that the coordinator Service (which selects
+/// [`LEADER_LABEL`]) routes relays to it. Outside a pod (`mailfleet dev`, tests) there is no
+/// pod of that name; that is fine.
+async fn label_leader_pod(client: &kube::Client, namespace: &str, pod: &str) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: "true"}}});
+    match pods
+        .patch(
+            pod,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => tracing::info!(pod, "labelled this pod as the leader"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            tracing::debug!(pod, "no pod of this name: not running in a pod")
+        }
+        Err(e) => tracing::warn!(
+            pod,
+            error = %e,
+            "cannot label this pod as the leader: the coordinator Service will not route relays here"
+        ),
+    }
 }
 
 fn dedup(addrs: [SocketAddr; 2]) -> Vec<SocketAddr> {

@@ -13,7 +13,7 @@
 //! | `mailfleet_operator_warmup_limit` | gauge | `namespace`, `plan`, `pool`, `address` | messages the address may send in the current window (0: no limit, warm) |
 //! | `mailfleet_operator_warmup_sent` | gauge | `namespace`, `plan`, `pool`, `address` | messages attempted in the current window |
 //! | `mailfleet_operator_warmup_addresses` | gauge | `namespace`, `plan`, `state` | addresses per warm-up state |
-//! | `mailfleet_operator_warmup_decisions_total` | counter | `decision` | window decisions (`advanced`, `warm`, `held`, `steppedBack`, `paused`, `idleReset`, `quarantined`, `delisted`) |
+//! | `mailfleet_operator_warmup_decisions_total` | counter | `decision` | window decisions (`advanced`, `warm`, `stayed`, `held`, `steppedBack`, `paused`, `idleReset`, `frozen`) |
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -45,6 +45,8 @@ pub struct Metrics {
     pub leader: AtomicBool,
     /// Set once the controllers and the coordinator run.
     pub ready: AtomicBool,
+    /// Set while this replica waits for the leader Lease (a healthy follower).
+    pub standby: AtomicBool,
     /// Reads the number of connected relays when rendering.
     pub connected_relays: Mutex<Option<Box<dyn Fn() -> usize + Send>>>,
 }
@@ -212,8 +214,9 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` (ready while leading and running) until the
-/// listener fails.
+/// Serves `/metrics`, `/healthz` and `/readyz` (ready while leading and running, or while
+/// waiting as a follower, so that rolling updates proceed; the coordinator Service selects
+/// the leader by its pod label) until the listener fails.
 pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
@@ -238,13 +241,18 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let ready = metrics.ready.load(Ordering::Relaxed);
+            let standby = metrics.standby.load(Ordering::Relaxed);
             let (status, body) = match path {
                 "/metrics" => ("200 OK", metrics.render()),
                 "/healthz" | "/livez" => ("200 OK", "ok\n".to_string()),
                 "/readyz" if ready => ("200 OK", "ready: leading\n".to_string()),
+                "/readyz" if standby => (
+                    "200 OK",
+                    "ready: standby, waiting for the leader Lease\n".to_string(),
+                ),
                 "/readyz" => (
                     "503 Service Unavailable",
-                    "not ready: not the leader (or still starting)\n".to_string(),
+                    "not ready: starting or stopping\n".to_string(),
                 ),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };

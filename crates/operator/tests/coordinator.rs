@@ -220,6 +220,19 @@ async fn controller_coordinator_and_exactly_once_reports() {
     let env = env().await;
     let client = env.client.clone();
     let coordinator = free_addr();
+    // The operator replicas' own pods (their identity is their pod name).
+    let operator_pods: Api<Pod> = Api::namespaced(client.clone(), "mailfleet-system");
+    for name in ["op-a", "op-b"] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "mailfleet-system"},
+            "spec": {"containers": [{"name": "operator", "image": "example.invalid/mailfleet:test"}]},
+        }))
+        .unwrap();
+        operator_pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap();
+    }
     let op = start_operator(&client, "op-a", coordinator);
     let pools: Api<RelayPool> = Api::namespaced(client.clone(), "mail");
     pools
@@ -462,11 +475,28 @@ async fn controller_coordinator_and_exactly_once_reports() {
     futures_util::future::join_all(calls).await;
     assert_eq!(delivered(&client, &addr).await, 18);
 
-    // A second replica waits as a follower (not ready) while the first leads.
+    // A second replica waits as a follower (ready as a standby, so rolling updates proceed)
+    // while the first leads; only the leader's pod carries the label the coordinator
+    // Service selects.
     let coordinator_b = free_addr();
     let op_b = start_operator(&client, "op-b", coordinator_b);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(http_get(op_b.health, "/readyz").await.contains("503"));
+    let standby = http_get(op_b.health, "/readyz").await;
+    assert!(
+        standby.contains("200 OK") && standby.contains("standby"),
+        "{standby}"
+    );
+    let leader_label = |p: &Pod| {
+        p.labels()
+            .get(mailfleet_operator::LEADER_LABEL)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        leader_label(&operator_pods.get("op-a").await.unwrap()),
+        "true"
+    );
+    assert_eq!(leader_label(&operator_pods.get("op-b").await.unwrap()), "");
     let leases: Api<Lease> = Api::namespaced(client.clone(), "mailfleet-system");
     let lease = leases.get(mailfleet_operator::LEASE_NAME).await.unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("op-a"));
@@ -477,10 +507,14 @@ async fn controller_coordinator_and_exactly_once_reports() {
     eventually(40, "the follower to lead", async || {
         http_get(op_b.health, "/readyz")
             .await
-            .contains("200 OK")
+            .contains("leading")
             .then_some(())
     })
     .await;
+    assert_eq!(
+        leader_label(&operator_pods.get("op-b").await.unwrap()),
+        "true"
+    );
     let mut c = eventually(20, "the new coordinator", async || {
         channel(coordinator_b, &ca, Some((&cert, &key))).await.ok()
     })
