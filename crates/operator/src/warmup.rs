@@ -828,9 +828,9 @@ async fn evaluate(plan: &WarmupPlan, ctx: &Context) -> Result<Action, WarmupErro
     for (type_, reason, note) in events {
         ctx.event(plan, type_, reason, note).await;
     }
+    // Due already (a negative wait) means as soon as allowed.
     let wait = next_due
-        .map(|d| d.duration_since(now))
-        .and_then(|d| Duration::try_from(d).ok())
+        .map(|d| Duration::try_from(d.duration_since(now)).unwrap_or(Duration::ZERO))
         .unwrap_or(Duration::from_secs(300))
         .clamp(Duration::from_millis(200), Duration::from_secs(300));
     Ok(Action::requeue(wait))
