@@ -1,7 +1,7 @@
 //! `mailfleet relay`: wiring of the relay MTA (crates/relay). Standalone from a config file
 //! (`--config`), or coordinated by the operator (`--coordinator`): identity from the
-//! environment, configuration streamed over mTLS gRPC. Logs to stderr and drains gracefully
-//! on SIGTERM or Ctrl-C.
+//! environment, configuration streamed over mTLS gRPC. Logs to stderr, exports traces over
+//! OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and drains gracefully on SIGTERM or Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,26 +55,22 @@ pub struct Args {
 
 /// Runs the relay until SIGTERM/SIGINT.
 pub fn run(args: Args) -> Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    let mode = match (&args.config, &args.coordinator) {
-        (Some(path), None) => {
-            Mode::Standalone(Box::new(mailfleet_relay::RelayConfig::from_file(path)?))
-        }
-        (None, Some(url)) => Mode::Coordinated(Box::new(coordinated(&args, url)?)),
-        _ => bail!("give exactly one of --config (standalone) and --coordinator (coordinated)"),
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the tokio runtime")?;
     let grace = Duration::from_secs(args.drain_seconds);
     runtime.block_on(async move {
+        // Logs on stderr; traces over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set. The guard
+        // lives until the relay has drained, then flushes the last spans.
+        let telemetry = crate::telemetry::init("mailfleet-relay")?;
+        let mode = match (&args.config, &args.coordinator) {
+            (Some(path), None) => {
+                Mode::Standalone(Box::new(mailfleet_relay::RelayConfig::from_file(path)?))
+            }
+            (None, Some(url)) => Mode::Coordinated(Box::new(coordinated(&args, url)?)),
+            _ => bail!("give exactly one of --config (standalone) and --coordinator (coordinated)"),
+        };
         match mode {
             Mode::Standalone(config) => {
                 let relay = mailfleet_relay::Relay::start(*config)
@@ -100,6 +96,7 @@ pub fn run(args: Args) -> Result<()> {
                 relay.shutdown(grace).await;
             }
         }
+        drop(telemetry);
         Ok(())
     })
 }

@@ -16,45 +16,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Knot, Sink, free_port, header, require};
-use e2e::{Cluster, Kubectl, condition, eventually, operator, pod_ip};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use e2e::{Cluster, Kubectl, Traces, condition, eventually, operator, pod_ip};
 use serde_json::Value;
-use std::sync::{Arc, Mutex};
-
-/// An OTLP trace receiver: the names of the spans it was sent, with their service name.
-#[derive(Clone, Default)]
-struct Traces(Arc<Mutex<Vec<(String, String)>>>);
-
-#[tonic::async_trait]
-impl TraceService for Traces {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut seen = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref())
-                .map(|v| format!("{:?}", v.value))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for span in ss.spans {
-                    seen.push((service.clone(), span.name));
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
 
 static OTLP_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
@@ -124,20 +87,7 @@ fn fleet_sends_from_assigned_addresses_and_survives_scaling_and_operator_kill() 
     let Cluster { dc, k, rt } = e2e::cluster(root);
     // The operator exports its traces to this receiver.
     let traces = Traces::default();
-    let otlp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    OTLP_PORT.set(otlp.local_addr().unwrap().port()).unwrap();
-    otlp.set_nonblocking(true).unwrap();
-    {
-        let traces = traces.clone();
-        rt.spawn(async move {
-            let l = tokio::net::TcpListener::from_std(otlp).unwrap();
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(traces))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
-                .await
-                .unwrap();
-        });
-    }
+    OTLP_PORT.set(traces.serve(&rt)).unwrap();
 
     // The domain's DKIM key, as a Secret the relays get their signing key from.
     let key_pem = String::from_utf8(
@@ -388,10 +338,10 @@ spec:
 
     // Traces of reconciles and coordinator calls reached the OTLP receiver.
     eventually(30, "operator traces over OTLP", || {
-        let seen = traces.0.lock().unwrap();
+        let seen = traces.spans();
         let has = |name: &str| {
             seen.iter()
-                .any(|(svc, n)| n == name && svc.contains("mailfleet-operator"))
+                .any(|s| s.name == name && s.service == "mailfleet-operator")
         };
         (has("reconcile") && has("coordinator.report")).then_some(())
     });

@@ -188,6 +188,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub struct Connection {
     io: BufReader<Box<dyn Io>>,
     pub target: SocketAddr,
+    /// The mail exchanger's host name (as found in MX or the route).
+    pub host: String,
     pub pipelining: bool,
     pub tls: bool,
     pub smtputf8: bool,
@@ -301,6 +303,7 @@ impl Connection {
         let mut conn = Connection {
             io: BufReader::new(Box::new(stream)),
             target,
+            host: tls_host.to_string(),
             pipelining: false,
             tls: false,
             smtputf8: false,

@@ -25,6 +25,7 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfi
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use tokio::sync::{Notify, watch};
+use tracing::Instrument;
 
 use crate::client::{Connection, Outcome, Reply, classify};
 use crate::config::{DeliveryConfig, SendingDomainConfig, ShapingConfig};
@@ -528,11 +529,13 @@ impl Delivery {
                         continue;
                     }
                     Err(ConnectFailure::Route(RouteError::Permanent(reply))) => {
+                        attempt_span(&job, Outcome::Bounced);
                         self.finish_all(&job, None, ProviderGroup::Other, &reply, Outcome::Bounced);
                         continue;
                     }
                     Err(ConnectFailure::Route(RouteError::Temporary(reply)))
                     | Err(ConnectFailure::Connect(reply)) => {
+                        attempt_span(&job, Outcome::Deferred);
                         self.defer(job, None, ProviderGroup::Other, &reply);
                         continue;
                     }
@@ -604,12 +607,27 @@ impl Delivery {
                 .collect();
             let address = permit.address;
             let group = permit.group;
-            match c.send(&job.msg.mail_from, &rcpts, &job.msg.data).await {
+            let span = tracing::info_span!(
+                "delivery.attempt",
+                message_id = %format_args!("{:x}", job.msg.id),
+                egress_address = %address,
+                mx = c.host.as_str(),
+                recipients = rcpts.len(),
+                outcome = tracing::field::Empty,
+            );
+            let sent_result = c
+                .send(&job.msg.mail_from, &rcpts, &job.msg.data)
+                .instrument(span.clone())
+                .await;
+            let _span = span.enter();
+            match sent_result {
                 Ok(replies) => {
                     *sent += 1;
+                    span.record("outcome", summary(&replies));
                     self.handle_replies(job, address, group, replies);
                 }
                 Err(e) => {
+                    span.record("outcome", Outcome::Deferred.as_str());
                     tracing::info!(error = %e, "delivery connection failed");
                     conn = None;
                     self.defer(job, Some(address), group, &e.as_reply());
@@ -1006,4 +1024,28 @@ enum ConnectFailure {
     Reassign(IpAddr),
     Unavailable(Unavailable),
     Connect(Reply),
+}
+
+/// The outcome of one attempt for the trace: the recipients' common outcome, or `mixed`.
+fn summary(replies: &[Reply]) -> &'static str {
+    let mut outcomes = replies.iter().map(|r| classify(r).as_str());
+    let Some(first) = outcomes.next() else {
+        return Outcome::Deferred.as_str();
+    };
+    if outcomes.all(|o| o == first) {
+        first
+    } else {
+        "mixed"
+    }
+}
+
+/// A `delivery.attempt` span for an attempt that failed before any SMTP transaction (no
+/// route, or no mail exchanger answered): no egress address or MX, closed at once.
+fn attempt_span(job: &Job, outcome: Outcome) {
+    let _span = tracing::info_span!(
+        "delivery.attempt",
+        message_id = %format_args!("{:x}", job.msg.id),
+        recipients = job.rcpts.len(),
+        outcome = outcome.as_str(),
+    );
 }

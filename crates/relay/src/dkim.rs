@@ -147,6 +147,19 @@ impl Signer {
         Ok(Signer { domains: out })
     }
 
+    /// The selectors `domain` signs with, comma-separated (empty without keys).
+    pub fn selectors(&self, domain: &str) -> String {
+        self.domains
+            .get(domain)
+            .map(|keys| {
+                keys.iter()
+                    .map(|k| k.selector.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default()
+    }
+
     /// The `DKIM-Signature` header lines (CRLF-terminated) for `message`, signed by `domain`'s
     /// keys; empty when the domain has no keys.
     pub fn sign(&self, domain: &str, message: &[u8]) -> Result<Vec<u8>, DkimError> {

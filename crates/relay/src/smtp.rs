@@ -17,6 +17,7 @@ use smtp_proto::Request;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::config::{ListenerConfig, SendingDomainConfig};
 use crate::delivery::Delivery;
@@ -691,6 +692,19 @@ impl<'a> Session<'a> {
         }
         self.reply("354 Start mail input; end with <CRLF>.<CRLF>");
         self.flush().await?;
+        // One span per DATA transaction, until the reply; `accept` records the queue id.
+        let span = tracing::info_span!(
+            "smtp.accept",
+            message_id = tracing::field::Empty,
+            mail_from_domain = self.sender_domain.as_deref().unwrap_or_default(),
+            recipients = self.rcpts.len(),
+            reply_code = tracing::field::Empty,
+        );
+        self.data_body().instrument(span).await
+    }
+
+    /// Reads the message after `354` and answers it (inside the `smtp.accept` span).
+    async fn data_body(&mut self) -> std::io::Result<Next> {
         let max = self.cfg.listener.max_message_size;
         let mut body: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut line = Vec::with_capacity(1024);
@@ -732,6 +746,7 @@ impl<'a> Session<'a> {
             return Ok(Next::Continue);
         }
         let reply = self.accept(body).await;
+        tracing::Span::current().record("reply_code", reply.get(..3).unwrap_or_default());
         self.reset();
         self.reply(&reply);
         Ok(Next::Continue)
@@ -741,6 +756,8 @@ impl<'a> Session<'a> {
     async fn accept(&mut self, body: Vec<u8>) -> String {
         let inb = self.inb;
         let id = inb.spool.next_id();
+        let message_id = format!("{id:x}");
+        tracing::Span::current().record("message_id", message_id.as_str());
         let now = crate::shaping::unix_now() as u64;
         let with = match (self.tls, self.user.is_some()) {
             (true, true) => "ESMTPSA",
@@ -766,7 +783,14 @@ impl<'a> Session<'a> {
         // RSA signing costs about a millisecond of CPU: do it on the blocking pool so the
         // runtime's workers keep serving the other sessions' I/O meanwhile.
         let signer = Arc::clone(&self.cfg.signer);
+        let sign_span = tracing::info_span!(
+            "dkim.sign",
+            message_id = message_id.as_str(),
+            domain = domain.as_str(),
+            selectors = %signer.selectors(&domain),
+        );
         let signed = tokio::task::spawn_blocking(move || {
+            let _span = sign_span.enter();
             let sig = signer.sign(&domain, &body);
             (sig, body)
         })

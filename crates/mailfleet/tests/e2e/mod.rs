@@ -1,10 +1,20 @@
 //! What the end-to-end tests share: `kubectl` against devcluster, the operator as a process,
-//! and waiting for a condition.
+//! an OTLP trace receiver, and waiting for a condition.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 
 use serde_json::Value;
 
@@ -156,4 +166,85 @@ pub fn pod_ip(k: &Kubectl, namespace: &str, pod: &str) -> String {
         let p = k.json(&["-n", namespace, "get", "pod", pod]);
         p["status"]["podIP"].as_str().map(str::to_string)
     })
+}
+
+/// A span as the OTLP receiver got it: its service, name and attributes (values as text).
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub service: String,
+    pub name: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// An OTLP/gRPC trace receiver recording every span it is sent.
+#[derive(Clone, Default)]
+pub struct Traces(Arc<Mutex<Vec<Span>>>);
+
+fn text(v: Option<&AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
+        .collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Traces {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut seen = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .map(|r| attributes(&r.attributes))
+                .and_then(|mut a| a.remove("service.name"))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    seen.push(Span {
+                        service: service.clone(),
+                        attributes: attributes(&span.attributes),
+                        name: span.name,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Traces {
+    /// Serves the receiver on a free loopback port from `rt`; returns the port.
+    pub fn serve(&self, rt: &tokio::runtime::Runtime) -> u16 {
+        let otlp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = otlp.local_addr().unwrap().port();
+        otlp.set_nonblocking(true).unwrap();
+        let traces = self.clone();
+        rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(otlp).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(traces))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+                .await
+                .unwrap();
+        });
+        port
+    }
+
+    /// The spans received so far.
+    pub fn spans(&self) -> Vec<Span> {
+        self.0.lock().unwrap().clone()
+    }
 }
