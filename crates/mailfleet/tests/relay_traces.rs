@@ -1,7 +1,8 @@
 //! Traces of one message through a real `mailfleet relay --config` process: swaks submits
 //! it, the relay signs it with DKIM and delivers it to the sink MX (found through Knot), and
 //! the OTLP receiver gets the `smtp.accept`, `dkim.sign` and `delivery.attempt` spans of
-//! service `mailfleet-relay`, all carrying the queue id of the `250` reply as `message_id`.
+//! service `mailfleet-relay`, all carrying the queue id of the `250` reply as `message_id`,
+//! `dkim.sign` as a child of `smtp.accept`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../../relay/tests/common/mod.rs"]
@@ -147,4 +148,9 @@ fn one_message_traces_accept_sign_and_delivery_with_its_queue_id() {
     assert_eq!(attr(attempt, "egress_address"), "127.0.0.1");
     assert_eq!(attr(attempt, "mx"), "mx.example.test");
     assert_eq!(attr(attempt, "outcome"), "delivered");
+    // Signing is a child of the accept span; delivery, later and in another task, starts a
+    // trace of its own.
+    assert_eq!(sign.trace_id, accept.trace_id);
+    assert_eq!(sign.parent_span_id, accept.span_id);
+    assert!(attempt.parent_span_id.is_empty(), "{attempt:?}");
 }

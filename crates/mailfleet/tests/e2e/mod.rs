@@ -168,11 +168,15 @@ pub fn pod_ip(k: &Kubectl, namespace: &str, pod: &str) -> String {
     })
 }
 
-/// A span as the OTLP receiver got it: its service, name and attributes (values as text).
+/// A span as the OTLP receiver got it: its service, name, ids (empty parent: a root span)
+/// and attributes (values as text).
 #[derive(Clone, Debug)]
 pub struct Span {
     pub service: String,
     pub name: String,
+    pub trace_id: Vec<u8>,
+    pub span_id: Vec<u8>,
+    pub parent_span_id: Vec<u8>,
     pub attributes: BTreeMap<String, String>,
 }
 
@@ -217,6 +221,9 @@ impl TraceService for Traces {
                         service: service.clone(),
                         attributes: attributes(&span.attributes),
                         name: span.name,
+                        trace_id: span.trace_id,
+                        span_id: span.span_id,
+                        parent_span_id: span.parent_span_id,
                     });
                 }
             }
