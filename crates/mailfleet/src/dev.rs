@@ -256,6 +256,7 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
             // Only shown: devcluster runs relay pods as processes of this binary.
             relay_image: "mailfleet:dev".to_string(),
             coordinator_url: format!("https://127.0.0.1:{coordinator}"),
+            otlp_endpoint: None,
         },
     };
     let (stop_operator, operator_stop) = watch::channel(false);

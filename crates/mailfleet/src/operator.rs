@@ -72,6 +72,10 @@ pub fn run(args: Args) -> Result<()> {
             settings: mailfleet_operator::children::Settings {
                 relay_image: args.relay_image,
                 coordinator_url,
+                // Relays export their traces where the operator does.
+                otlp_endpoint: std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .ok()
+                    .filter(|v| !v.trim().is_empty()),
             },
         };
         let (tx, rx) = tokio::sync::watch::channel(false);

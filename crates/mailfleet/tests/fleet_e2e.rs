@@ -4,7 +4,8 @@
 //! leaves from that relay's assigned egress addresses (seen by the sink MX, found through Knot)
 //! with a DKIM signature, and the reports land in the pool's status exactly once. Scaling
 //! 3 → 5 → 2 keeps every address on one pod; the operator is killed (SIGKILL) mid-way and
-//! restarted: no address moves, nothing is counted twice.
+//! restarted: no address moves, nothing is counted twice. Operator and relays export their
+//! traces to a test OTLP receiver.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../../relay/tests/common/mod.rs"]
@@ -344,6 +345,14 @@ spec:
                 .any(|s| s.name == name && s.service == "mailfleet-operator")
         };
         (has("reconcile") && has("coordinator.report")).then_some(())
+    });
+    // The relay pods the operator built export there too: it passes its OTLP endpoint on.
+    eventually(30, "relay traces over OTLP", || {
+        traces
+            .spans()
+            .iter()
+            .any(|s| s.name == "smtp.accept" && s.service == "mailfleet-relay")
+            .then_some(())
     });
 
     drop(op);

@@ -25,6 +25,9 @@ pub struct Settings {
     pub relay_image: String,
     /// URL the relays dial for the coordinator.
     pub coordinator_url: String,
+    /// OTLP endpoint the relays export traces to (the operator's own
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`); none exports nothing.
+    pub otlp_endpoint: Option<String>,
 }
 
 fn name_of(pool: &RelayPool) -> String {
@@ -199,6 +202,9 @@ pub fn statefulset(pool: &RelayPool, settings: &Settings) -> Value {
         secret_env(env::RELAY_CERT, &identity, identity::CERT_KEY),
         secret_env(env::RELAY_KEY, &identity, identity::KEY_KEY),
     ];
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        env.push(json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint}));
+    }
     if let Some(tls) = &spec.listener.tls_secret_ref {
         env.push(secret_env(env::LISTENER_TLS_CERT, &tls.name, "tls.crt"));
         env.push(secret_env(env::LISTENER_TLS_KEY, &tls.name, "tls.key"));
@@ -369,7 +375,34 @@ mod tests {
         Settings {
             relay_image: "example.invalid/mailfleet:1".into(),
             coordinator_url: "https://mailfleet-coordinator.mailfleet.svc:7443".into(),
+            otlp_endpoint: None,
         }
+    }
+
+    #[test]
+    fn relays_export_traces_where_the_operator_does() {
+        let p = pool();
+        let env_of = |s: &Settings| {
+            statefulset(&p, s)["spec"]["template"]["spec"]["containers"][0]["env"].clone()
+        };
+        assert!(
+            !env_of(&settings())
+                .to_string()
+                .contains("OTEL_EXPORTER_OTLP_ENDPOINT")
+        );
+        let with = Settings {
+            otlp_endpoint: Some("http://collector:4317".into()),
+            ..settings()
+        };
+        let env = env_of(&with);
+        assert!(
+            env.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "OTEL_EXPORTER_OTLP_ENDPOINT"
+                    && e["value"] == "http://collector:4317"),
+            "{env}"
+        );
     }
 
     #[test]

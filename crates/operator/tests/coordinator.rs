@@ -90,6 +90,7 @@ fn start_operator(client: &Client, identity: &str, coordinator: SocketAddr) -> O
         settings: Settings {
             relay_image: "example.invalid/mailfleet:test".into(),
             coordinator_url: format!("https://{coordinator}"),
+            otlp_endpoint: None,
         },
     };
     let (stop, rx) = watch::channel(false);

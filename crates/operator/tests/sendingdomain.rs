@@ -236,6 +236,7 @@ fn start_operator(client: &Client) -> Operator {
         settings: Settings {
             relay_image: "example.invalid/mailfleet:test".into(),
             coordinator_url: format!("https://{coordinator}"),
+            otlp_endpoint: None,
         },
     };
     let (stop, rx) = watch::channel(false);
