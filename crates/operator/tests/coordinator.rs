@@ -656,12 +656,18 @@ async fn cilium_mode_writes_one_policy_per_pod_and_removes_them_with_the_pool() 
         "ciliumegressgatewaypolicies",
     );
     let policies: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-    let list = eventually(60, "two egress gateway policies", async || {
-        let l = policies.list(&ListParams::default()).await.unwrap().items;
-        (l.len() == 2).then_some(l)
-    })
+    // The policies are applied before the pool's status is written: wait for both.
+    let (list, status) = eventually(
+        60,
+        "two egress gateway policies and the pool's status",
+        async || {
+            let l = policies.list(&ListParams::default()).await.unwrap().items;
+            let status = pools.get("gw").await.unwrap().status?;
+            (l.len() == 2 && status.addresses.iter().filter(|a| a.pod.is_some()).count() == 2)
+                .then_some((l, status))
+        },
+    )
     .await;
-    let status = pools.get("gw").await.unwrap().status.unwrap();
     for policy in &list {
         let spec = &policy.data["spec"];
         let pod = spec["selectors"][0]["podSelector"]["matchLabels"]
