@@ -13,7 +13,6 @@ use std::process::{Command, Stdio};
 
 use common::{Knot, Proc, Sink, config, free_port, header, keys, require, wait_port};
 use e2e::{Span, Traces, eventually};
-use mailfleet_relay::config::{DkimAlgorithm, DkimKeyConfig};
 
 #[test]
 fn one_message_traces_accept_sign_and_delivery_with_its_queue_id() {
@@ -41,20 +40,7 @@ fn one_message_traces_accept_sign_and_delivery_with_its_queue_id() {
     cfg.listener.listen = format!("127.0.0.1:{smtp}").parse().unwrap();
     cfg.delivery.nameservers = vec![knot.addr()];
     cfg.delivery.port = sink.port;
-    cfg.sending_domains[0].dkim = vec![
-        DkimKeyConfig {
-            selector: "rsa".into(),
-            algorithm: DkimAlgorithm::Rsa,
-            private_key_pem: Some(keys.rsa_pem.clone()),
-            private_key_file: None,
-        },
-        DkimKeyConfig {
-            selector: "ed".into(),
-            algorithm: DkimAlgorithm::Ed25519,
-            private_key_pem: Some(keys.ed_pem.clone()),
-            private_key_file: None,
-        },
-    ];
+    cfg.sending_domains[0].dkim = keys.dkim_configs();
     let config_file = root.join("relay.yaml");
     std::fs::write(&config_file, serde_yaml::to_string(&cfg).unwrap()).unwrap();
     let log = std::fs::File::create(root.join("relay.log")).unwrap();

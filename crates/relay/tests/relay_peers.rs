@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use mailfleet_relay::Relay;
 use mailfleet_relay::client::Outcome;
-use mailfleet_relay::config::{DkimAlgorithm, DkimKeyConfig, OverflowPolicy};
+use mailfleet_relay::config::OverflowPolicy;
 
 fn swaks(relay: SocketAddr, from: &str, to: &str, extra: &[&str]) -> (bool, String) {
     let out = Command::new(require("swaks"))
@@ -65,20 +65,7 @@ async fn delivers_via_knot_mx_from_bound_address_with_valid_dkim() {
     let mut cfg = config(dir.path(), &[("127.0.0.2", "out2.example.test")]);
     cfg.delivery.nameservers = vec![knot.addr()];
     cfg.delivery.port = sink.port;
-    cfg.sending_domains[0].dkim = vec![
-        DkimKeyConfig {
-            selector: "rsa".into(),
-            algorithm: DkimAlgorithm::Rsa,
-            private_key_pem: Some(keys.rsa_pem.clone()),
-            private_key_file: None,
-        },
-        DkimKeyConfig {
-            selector: "ed".into(),
-            algorithm: DkimAlgorithm::Ed25519,
-            private_key_pem: Some(keys.ed_pem.clone()),
-            private_key_file: None,
-        },
-    ];
+    cfg.sending_domains[0].dkim = keys.dkim_configs();
     let relay = Relay::start(cfg).await.unwrap();
     let addr = relay.smtp_addr;
     let (ok, out) = tokio::task::spawn_blocking(move || {

@@ -290,6 +290,26 @@ pub fn keys(dir: &Path) -> Keys {
     }
 }
 
+impl Keys {
+    /// Signing with both keys: selector `rsa` (RSA-2048) and `ed` (Ed25519).
+    pub fn dkim_configs(&self) -> Vec<DkimKeyConfig> {
+        vec![
+            DkimKeyConfig {
+                selector: "rsa".into(),
+                algorithm: DkimAlgorithm::Rsa,
+                private_key_pem: Some(self.rsa_pem.clone()),
+                private_key_file: None,
+            },
+            DkimKeyConfig {
+                selector: "ed".into(),
+                algorithm: DkimAlgorithm::Ed25519,
+                private_key_pem: Some(self.ed_pem.clone()),
+                private_key_file: None,
+            },
+        ]
+    }
+}
+
 /// Runs hack/relay-dkim-verify.py on `message`; returns (success, output).
 pub fn dkim_verify(dir: &Path, keys: &Keys, message: &str) -> (bool, String) {
     let kf = dir.join("dkim-keys.txt");
