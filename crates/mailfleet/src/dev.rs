@@ -1,12 +1,15 @@
 //! `mailfleet dev`: the whole fleet on this machine, no cluster needed. Wiring only:
 //!
-//! 1. [`dns`] serves a zone on 127.0.0.1 (`inbox.dev.test MX 10 mx.dev.test`,
-//!    `mx.dev.test A 127.0.0.1`) and [`sink`] is that MX, counting mail per source address;
+//! 1. [`dns`] serves the zone `dev.test` on 127.0.0.1 (`inbox.dev.test MX 10 mx.dev.test`,
+//!    `mx.dev.test A 127.0.0.1`), taking RFC 2136 updates signed with a TSIG key made for
+//!    this run, and [`sink`] is that MX, counting mail per source address and checking its
+//!    DKIM, SPF and DMARC against that zone;
 //! 2. devcluster (crates/devcluster) serves the Kubernetes API and runs relay pods as
 //!    processes of this very binary (`mailfleet relay --coordinator ...`), each on its own
 //!    127.0.0.N pod IP;
-//! 3. the CRDs, the namespaces, a DKIM key Secret and examples/dev/fleet.yaml (with this run's
-//!    ports filled in) are applied;
+//! 3. the CRDs, the namespaces, a DKIM key Secret, the TSIG key Secret and
+//!    examples/dev/fleet.yaml (with this run's ports filled in) are applied; the SendingDomain
+//!    controller publishes the domain's records into the embedded zone;
 //! 4. the operator (crates/operator) runs in this process, its coordinator on a free port;
 //! 5. [`traffic`] submits mail to the ready relay pods, and a progress report is printed every
 //!    two seconds until Ctrl-C, SIGTERM or `--duration`.
@@ -47,6 +50,12 @@ const SENDING_DOMAIN_OBJECT: &str = "mail-dev-test";
 const WARMUP_PLAN: &str = "standard";
 /// Its DKIM key Secret (the operator reads `<SendingDomain name>-dkim` by default).
 const DKIM_SECRET: &str = "mail-dev-test-dkim";
+/// The embedded DNS server's zone.
+const ZONE: &str = "dev.test.";
+/// The TSIG key the SendingDomain's `rfc2136` provider signs its updates with.
+const TSIG_KEY: &str = "mailfleet-dev";
+/// The Secret holding its base64 secret (examples/dev/fleet.yaml refers to it).
+const TSIG_SECRET: &str = "dev-dns-tsig";
 /// The domain the generator sends to, whose MX is the sink.
 const SINK_DOMAIN: &str = "inbox.dev.test";
 /// The egress CIDR of the dev pool (as in examples/dev/fleet.yaml).
@@ -123,6 +132,35 @@ pub fn run(args: Args) -> Result<()> {
     runtime.block_on(fleet(args, dir, log_path))
 }
 
+/// `N` bytes from the kernel's random source (for the run's TSIG key).
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    use std::io::Read;
+    let mut out = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut out))
+        .context("failed to read /dev/urandom for the TSIG key")?;
+    Ok(out)
+}
+
+/// Writes the run's TSIG key in the format of BIND's `nsupdate -k`, readable by the owner
+/// only.
+fn write_tsig_key_file(path: &Path, secret: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = format!(
+        "key \"{TSIG_KEY}\" {{\n\talgorithm hmac-sha256;\n\tsecret \"{}\";\n}};\n",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, secret)
+    );
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("failed to write the TSIG key file {}", path.display()))
+}
+
 /// A seed for the small xorshift generators of the sink and the traffic (never 0).
 fn seed() -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -191,14 +229,24 @@ impl Running {
 
 async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     let started = Instant::now();
-    let zone = Arc::new(dns::Zone::new("dev.test.")?);
+    let tsig_secret = random_bytes::<32>()?;
+    let zone = Arc::new(dns::Zone::new(ZONE)?.with_tsig_key(
+        TSIG_KEY,
+        hickory_proto::rr::rdata::tsig::TsigAlgorithm::HmacSha256,
+        tsig_secret.to_vec(),
+    )?);
     zone.add_mx(&format!("{SINK_DOMAIN}."), 10, "mx.dev.test.")?;
     zone.add_a("mx.dev.test.", Ipv4Addr::LOCALHOST)?;
     let dns = dns::DnsServer::start(Arc::clone(&zone)).await?;
-    let sink = sink::Sink::start(sink::Faults {
-        defer_percent: args.sink_defer_percent,
-        bounce_percent: args.sink_bounce_percent,
-    })
+    let key_file = dir.join("dns-tsig.key");
+    write_tsig_key_file(&key_file, &tsig_secret)?;
+    let sink = sink::Sink::start(
+        sink::Faults {
+            defer_percent: args.sink_defer_percent,
+            bounce_percent: args.sink_bounce_percent,
+        },
+        dns.addr,
+    )
     .await?;
 
     let program = std::env::current_exe().context("failed to find this program's path")?;
@@ -224,10 +272,20 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
         args.dir.display()
     );
     println!(
-        "  dns          {} (UDP+TCP): {SINK_DOMAIN} MX 10 mx.dev.test, mx.dev.test A 127.0.0.1",
+        "  dns          {} (UDP+TCP), zone dev.test: {SINK_DOMAIN} MX 10 mx.dev.test, mx.dev.test A 127.0.0.1",
         dns.addr
     );
-    println!("  sink MX      {}", sink.addr);
+    println!(
+        "               RFC 2136 updates signed with TSIG key {TSIG_KEY} (hmac-sha256): \
+         nsupdate -k {} (query: dig @{} -p {} TXT {SENDING_DOMAIN})",
+        shown_path(&args.dir, &key_file),
+        dns.addr.ip(),
+        dns.addr.port()
+    );
+    println!(
+        "  sink MX      {} (checks DKIM, SPF and DMARC of what it takes)",
+        sink.addr
+    );
 
     println!(
         "  warm-up day  {} (the plan's window; --day changes it)",
@@ -235,7 +293,7 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     );
 
     let (client, listener_port, coordinator) =
-        match setup(&kubeconfig, &dns, &sink, &args.day).await {
+        match setup(&kubeconfig, &dns, &sink, &args.day, &tsig_secret).await {
             Ok(c) => c,
             Err(e) => {
                 cluster.shutdown().await;
@@ -329,7 +387,10 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
                 print!("{table}");
                 last_table = table;
             }
-            println!("{}", snap.progress_line(started, &stats, &sink.counts()));
+            println!(
+                "{}",
+                snap.progress_line(started, &stats, &sink.counts(), sink.auth())
+            );
         }
         last = snap;
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -366,6 +427,7 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
         .collect();
     let sink_accepted: u64 = counts.values().map(|c| c.accepted).sum();
     let pool_accepted: u64 = from_pool.values().map(|c| c.accepted).sum();
+    let auth = sink.auth();
     let sources: Vec<String> = from_pool
         .iter()
         .filter(|(_, c)| c.accepted > 0)
@@ -377,7 +439,8 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     println!(
         "summary: ready={}/{} sent={} failed={} delivered={} deferred={} bounced={} \
          sink_accepted={sink_accepted} sink_from_pool={pool_accepted} sink_sources={} \
-         warmup_stage_min={stage_min} warmup_stage_max={stage_max} warm={warm} elapsed={}s",
+         sink_checked={} sink_dkim_pass={} sink_spf_pass={} sink_dmarc_pass={} \
+         dns_records={} dns_verified={} warmup_stage_min={stage_min} warmup_stage_max={stage_max} warm={warm} elapsed={}s",
         last.ready,
         last.replicas,
         stats.sent.load(Ordering::Relaxed),
@@ -390,6 +453,12 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
         } else {
             sources.join(",")
         },
+        auth.checked,
+        auth.dkim_pass,
+        auth.spf_pass,
+        auth.dmarc_pass,
+        last.records.0,
+        last.records.1,
         started.elapsed().as_secs()
     );
     if args.duration.is_some() && !interrupted && pool_accepted == 0 {
@@ -429,6 +498,7 @@ async fn setup(
     dns: &dns::DnsServer,
     sink: &sink::Sink,
     day: &str,
+    tsig_secret: &[u8],
 ) -> Result<(kube::Client, u16, u16)> {
     let kc = Kubeconfig::read_from(kubeconfig).context("failed to read the kubeconfig")?;
     let cc = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
@@ -469,6 +539,18 @@ async fn setup(
         .patch(DKIM_SECRET, &apply, &Patch::Apply(&secret))
         .await
         .context("failed to write the DKIM key Secret")?;
+
+    // The TSIG key the SendingDomain controller signs its RFC 2136 updates with.
+    let secret = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": TSIG_SECRET, "namespace": NAMESPACE},
+        "stringData": {"secret": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, tsig_secret)},
+    });
+    secrets
+        .patch(TSIG_SECRET, &apply, &Patch::Apply(&secret))
+        .await
+        .context("failed to write the TSIG key Secret")?;
 
     let listener_port = free_port()?;
     let coordinator = free_port()?;
@@ -528,6 +610,8 @@ struct Snapshot {
     targets: Vec<SocketAddr>,
     /// The SendingDomain's and the WarmupPlan's state, one line each.
     domain: String,
+    /// The SendingDomain's DNS records: (wanted, verified).
+    records: (usize, usize),
     warmup: String,
     /// The plan's one-line summary (changes every tick, so it goes in the progress line).
     warmup_summary: Option<String>,
@@ -582,14 +666,20 @@ impl Snapshot {
         }
         snap.domain = match domains.get_opt(SENDING_DOMAIN_OBJECT).await {
             Ok(Some(d)) => match d.status {
-                Some(st) if st.observed_generation.is_some() => format!(
-                    "  domain {SENDING_DOMAIN}: {} | DNS records {} (published {}, verified {}) | DKIM selector {}\n",
-                    conditions(&st.conditions),
-                    st.records.len(),
-                    st.records.iter().filter(|r| r.published).count(),
-                    st.records.iter().filter(|r| r.verified).count(),
-                    st.active_selector.as_deref().unwrap_or("-"),
-                ),
+                Some(st) if st.observed_generation.is_some() => {
+                    snap.records = (
+                        st.records.len(),
+                        st.records.iter().filter(|r| r.verified).count(),
+                    );
+                    format!(
+                        "  domain {SENDING_DOMAIN}: {} | DNS records {} (published {}, verified {}) | DKIM selector {}\n",
+                        conditions(&st.conditions),
+                        st.records.len(),
+                        st.records.iter().filter(|r| r.published).count(),
+                        st.records.iter().filter(|r| r.verified).count(),
+                        st.active_selector.as_deref().unwrap_or("-"),
+                    )
+                }
                 _ => format!(
                     "  domain {SENDING_DOMAIN}: no status yet (the SendingDomain controller has \
                      not reconciled it; the relays sign with the key in Secret {DKIM_SECRET})\n"
@@ -672,6 +762,7 @@ impl Snapshot {
         started: Instant,
         stats: &traffic::Stats,
         sink: &BTreeMap<IpAddr, sink::SourceCounts>,
+        auth: sink::AuthCounts,
     ) -> String {
         let by_source: Vec<String> = sink
             .iter()
@@ -711,6 +802,12 @@ impl Snapshot {
                 by_source.join(" ")
             },
         );
+        if auth.checked > 0 {
+            line.push_str(&format!(
+                " | checked {}: DKIM pass {}, SPF pass {}, DMARC pass {}",
+                auth.checked, auth.dkim_pass, auth.spf_pass, auth.dmarc_pass
+            ));
+        }
         if let Some(w) = &self.warmup_summary {
             line.push_str(&format!(" | warm-up {w}"));
         }

@@ -152,7 +152,9 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-fn build_resolver(servers: &[SocketAddr]) -> Result<TokioResolver, DeliveryError> {
+/// A resolver configuration asking exactly these servers (`127.0.0.1:53` when none), over
+/// UDP with TCP fallback on each server's own port.
+pub fn resolver_config(servers: &[SocketAddr]) -> ResolverConfig {
     let servers: Vec<SocketAddr> = if servers.is_empty() {
         vec![SocketAddr::from(([127, 0, 0, 1], 53))]
     } else {
@@ -168,6 +170,11 @@ fn build_resolver(servers: &[SocketAddr]) -> Result<TokioResolver, DeliveryError
         ns.connections = vec![udp, tcp];
         config.add_name_server(ns);
     }
+    config
+}
+
+fn build_resolver(servers: &[SocketAddr]) -> Result<TokioResolver, DeliveryError> {
+    let config = resolver_config(servers);
     let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
     builder.options_mut().timeout = Duration::from_secs(5);
     builder.options_mut().attempts = 2;
