@@ -1,0 +1,404 @@
+//! The cluster suite: what must hold on any cluster mailfleet runs in, checked through nothing
+//! but a kubeconfig, real `kubectl` and a real SMTP client (swaks).
+//!
+//! - `MAILFLEET_E2E_KUBECONFIG=PATH`: the cluster of that kubeconfig, where the chart is
+//!   already installed (hack/e2e-kind.sh installs it on kind, then runs this suite). Relays
+//!   are reached through `kubectl port-forward`, or at their pod IPs with
+//!   `MAILFLEET_E2E_REACH=pod-ip` (when this machine routes to them, e.g. a `mailfleet dev`
+//!   cluster).
+//! - unset (CI): devcluster, with the CRDs applied from crds/ and `mailfleet operator` as a
+//!   process, which is what the chart would run; relays are reached at their pod IPs.
+//!
+//! In a namespace of its own (deleted at the end, whatever happened) it checks: every file of
+//! examples/ passes the API server's validation (server-side dry run), an open relay is
+//! refused with the CRD's message, a pool of two relays with three egress addresses and a
+//! SendingDomain converge (addresses assigned, relays registered with the coordinator, DKIM
+//! keys made), `kubectl get` shows them, a relay takes a message from the sending domain and
+//! refuses one from elsewhere, scaling to one relay moves every address to it, and deleting
+//! the namespace removes everything (finalizers included).
+//!
+//! `MAILFLEET_E2E_TIMEOUT` (seconds per wait; 120 on devcluster, 300 otherwise) bounds each
+//! wait; `MAILFLEET_E2E_KEEP=1` keeps the namespace of a failed run to look into. The suite sends no mail out of the cluster: the egress addresses are TEST-NET.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../../relay/tests/common/mod.rs"]
+mod common;
+mod e2e;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{Proc, free_port, repo_root, require};
+use e2e::{Cluster, Kubectl, condition, eventually, operator};
+use serde_json::Value;
+
+/// The cluster under test, and what the suite started for it.
+struct Target {
+    k: Kubectl,
+    /// Devcluster and the operator process (None with an external kubeconfig).
+    local: Option<(Cluster, Proc)>,
+    timeout: u64,
+}
+
+impl Target {
+    fn start(root: &Path) -> Target {
+        match std::env::var_os("MAILFLEET_E2E_KUBECONFIG") {
+            Some(path) => {
+                let kubeconfig = PathBuf::from(path);
+                assert!(
+                    kubeconfig.is_file(),
+                    "MAILFLEET_E2E_KUBECONFIG={} is not a file",
+                    kubeconfig.display()
+                );
+                Target {
+                    k: Kubectl {
+                        kubeconfig,
+                        home: root.to_path_buf(),
+                    },
+                    local: None,
+                    timeout: timeout(300),
+                }
+            }
+            None => {
+                let cluster = e2e::cluster(root);
+                let op = operator(
+                    &cluster.dc.kubeconfig,
+                    &root.join("operator.log"),
+                    free_port(),
+                    free_port(),
+                    "cluster-e2e",
+                    None,
+                );
+                Target {
+                    k: Kubectl {
+                        kubeconfig: cluster.dc.kubeconfig.clone(),
+                        home: root.to_path_buf(),
+                    },
+                    local: Some((cluster, op)),
+                    timeout: timeout(120),
+                }
+            }
+        }
+    }
+
+    fn external(&self) -> bool {
+        self.local.is_none()
+    }
+}
+
+fn timeout(default: u64) -> u64 {
+    std::env::var("MAILFLEET_E2E_TIMEOUT")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Deletes the test namespace when the test ends, passed or not (a failed one stays with
+/// `MAILFLEET_E2E_KEEP=1`).
+struct Namespace<'a> {
+    k: &'a Kubectl,
+    name: String,
+}
+
+impl Drop for Namespace<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var("MAILFLEET_E2E_KEEP").is_ok_and(|k| k == "1") {
+            eprintln!("kept namespace {} (MAILFLEET_E2E_KEEP=1)", self.name);
+            return;
+        }
+        let _ = self
+            .k
+            .run(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// Every document of examples/*.yaml, without its namespace (the test's is used).
+fn examples_without_namespace() -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut value: Value = serde::Deserialize::deserialize(doc).unwrap();
+            if value.is_null() {
+                continue;
+            }
+            if let Some(meta) = value["metadata"].as_object_mut() {
+                meta.remove("namespace");
+            }
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(&value).unwrap());
+        }
+    }
+    out
+}
+
+/// `kubectl apply -f FILE` with `text` written to `root/name`.
+fn apply_text(
+    k: &Kubectl,
+    root: &Path,
+    ns: &str,
+    name: &str,
+    text: &str,
+    extra: &[&str],
+) -> (bool, String) {
+    let path = root.join(name);
+    std::fs::write(&path, text).unwrap();
+    let mut args = vec!["apply", "-n", ns, "-f", path.to_str().unwrap()];
+    args.extend(extra);
+    k.run(&args)
+}
+
+/// The pool's address → pod assignment.
+fn assignment(pool: &Value) -> Vec<(String, String)> {
+    pool["status"]["addresses"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|a| {
+                    (
+                        a["address"].as_str().unwrap_or_default().to_string(),
+                        a["pod"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Where the test reaches a relay pod's SMTP listener: its pod IP on devcluster, a
+/// `kubectl port-forward` elsewhere (kept alive by the returned process).
+fn smtp_endpoint(t: &Target, ns: &str, pod: &str, port: u16) -> (String, u16, Option<Proc>) {
+    let pod_ip = std::env::var("MAILFLEET_E2E_REACH").is_ok_and(|r| r == "pod-ip");
+    if !t.external() || pod_ip {
+        return (e2e::pod_ip(&t.k, ns, pod), port, None);
+    }
+    let local = free_port();
+    let mut child = Command::new(e2e::kubectl_bin())
+        .env("KUBECONFIG", &t.k.kubeconfig)
+        .env("HOME", &t.k.home)
+        .args([
+            "-n",
+            ns,
+            "port-forward",
+            &format!("pod/{pod}"),
+            &format!("{local}:{port}"),
+            "--address",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // It prints `Forwarding from 127.0.0.1:LOCAL -> PORT` once it listens.
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.contains("Forwarding from"), "port-forward: {line}");
+    ("127.0.0.1".to_string(), local, Some(Proc(child)))
+}
+
+fn swaks(server: &str, port: u16, from: &str) -> (bool, String) {
+    let out = Command::new(require("swaks"))
+        .args(["--server", server, "--port", &port.to_string()])
+        .args(["--from", from, "--to", "someone@mailfleet-e2e.invalid"])
+        .args(["--h-Subject", "mailfleet cluster e2e"])
+        .args(["--ehlo", "app.e2e.example.test", "--timeout", "30"])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_fleet_converges_takes_mail_scales_and_is_removed_on_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let t = Target::start(root);
+    let k = &t.k;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let ns = Namespace {
+        k,
+        name: format!("mailfleet-e2e-{}", nanos % 100_000),
+    };
+    let ns_name = ns.name.clone();
+    let n = ns_name.as_str();
+    k.ok(&["create", "namespace", n]);
+    k.ok(&[
+        "get",
+        "crd",
+        "relaypools.mailfleet.dev",
+        "sendingdomains.mailfleet.dev",
+        "warmupplans.mailfleet.dev",
+    ]);
+
+    // examples/ pass the API server's validation: schema and CEL rules of the CRDs.
+    let (ok, out) = apply_text(
+        k,
+        root,
+        n,
+        "examples.yaml",
+        &examples_without_namespace(),
+        &["--dry-run=server"],
+    );
+    assert!(ok, "examples/ refused: {out}");
+    for kind in ["warmupplan", "relaypool", "sendingdomain"] {
+        assert!(
+            out.contains(&format!("{kind}.mailfleet.dev/")) && out.contains("(server dry run)"),
+            "{kind} missing from the dry run: {out}"
+        );
+    }
+
+    // An open relay is refused, with the CRD's own message.
+    let open_relay = r#"apiVersion: mailfleet.dev/v1alpha1
+kind: RelayPool
+metadata:
+  name: open-relay
+spec:
+  egress:
+    addresses: [{address: 192.0.2.1, heloName: mta.example.com}]
+  listener:
+    allowedNetworks: ["0.0.0.0/0"]
+"#;
+    let (ok, out) = apply_text(k, root, n, "open-relay.yaml", open_relay, &[]);
+    assert!(!ok, "the API server accepted an open relay: {out}");
+    assert!(out.contains("open relay"), "{out}");
+    let (found, _) = k.run(&["-n", n, "get", "relaypool", "open-relay"]);
+    assert!(!found);
+
+    // A fleet: the example plan, two relays with three TEST-NET egress addresses, a domain.
+    let port = if t.external() { 2525 } else { free_port() };
+    let plan = std::fs::read_to_string(repo_root().join("examples/warmupplan.yaml"))
+        .unwrap()
+        .replace("  namespace: mail\n", "");
+    let fleet = format!(
+        r#"{plan}
+---
+apiVersion: mailfleet.dev/v1alpha1
+kind: RelayPool
+metadata:
+  name: e2e
+spec:
+  replicas: 2
+  egress:
+    mode: bind
+    heloNameTemplate: "mta-{{ip}}.e2e.example.test"
+    addresses:
+      - address: 192.0.2.10
+      - address: 192.0.2.11
+      - address: 192.0.2.12
+  listener:
+    port: {port}
+    # The test's SMTP client: on devcluster from 127.0.0.1, elsewhere through kubectl
+    # port-forward, which connects from inside the pod.
+    allowedNetworks: ["127.0.0.0/8"]
+  delivery:
+    retrySchedule: ["1m"]
+    maxQueueLifetime: 1h
+  warmupPlanRef:
+    name: standard
+---
+apiVersion: mailfleet.dev/v1alpha1
+kind: SendingDomain
+metadata:
+  name: e2e
+spec:
+  domain: e2e.example.test
+  relayPoolRef:
+    name: e2e
+  dkim:
+    algorithm: dual
+  dns:
+    provider: manual
+"#
+    );
+    let (ok, out) = apply_text(k, root, n, "fleet.yaml", &fleet, &[]);
+    assert!(ok, "{out}");
+
+    let secs = t.timeout;
+    let pool = eventually(
+        secs,
+        "the pool Ready with its addresses assigned and both relays registered",
+        || {
+            let pool = k.json(&["-n", n, "get", "relaypool", "e2e"]);
+            let relays = pool["status"]["relays"].as_array().map_or(0, Vec::len);
+            (condition(&pool, "EgressAssigned") && condition(&pool, "Ready") && relays == 2)
+                .then_some(pool)
+        },
+    );
+    let assigned = assignment(&pool);
+    assert_eq!(assigned.len(), 3, "{pool}");
+    let pods: std::collections::BTreeSet<&str> = assigned.iter().map(|(_, p)| p.as_str()).collect();
+    assert_eq!(pods, ["e2e-0", "e2e-1"].into(), "{pool}");
+    eventually(secs, "the domain's DKIM keys (DKIMReady)", || {
+        let d = k.json(&["-n", n, "get", "sendingdomain", "e2e"]);
+        condition(&d, "DKIMReady").then_some(())
+    });
+    // The printer columns show the pool's state.
+    let table = k.ok(&["-n", n, "get", "relaypools"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("e2e "))
+        .unwrap_or_else(|| panic!("no e2e row in:\n{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &cells[1..4],
+        ["2", "2", "3"],
+        "replicas, ready, addresses:\n{table}"
+    );
+    let table = k.ok(&["-n", n, "get", "sendingdomains"]);
+    assert!(table.contains("e2e.example.test"), "{table}");
+
+    // A relay takes mail from the sending domain and refuses anyone else's: no open relay.
+    let (host, smtp, _forward) = smtp_endpoint(&t, n, "e2e-0", port);
+    let (ok, out) = swaks(&host, smtp, "app@e2e.example.test");
+    assert!(ok, "the relay refused mail from its sending domain:\n{out}");
+    assert!(out.contains("<-  250 2.0.0 Ok: queued as"), "{out}");
+    let (ok, out) = swaks(&host, smtp, "someone@elsewhere.example");
+    assert!(!ok, "the relay took mail from a foreign domain:\n{out}");
+    assert!(out.contains("<** 5"), "{out}");
+
+    // Scaling to one relay moves every address to it.
+    k.ok(&[
+        "-n",
+        n,
+        "patch",
+        "relaypool",
+        "e2e",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":1}}"#,
+    ]);
+    eventually(secs, "all three addresses on e2e-0", || {
+        let pool = k.json(&["-n", n, "get", "relaypool", "e2e"]);
+        let a = assignment(&pool);
+        (a.len() == 3 && a.iter().all(|(_, p)| p == "e2e-0") && condition(&pool, "Ready"))
+            .then_some(())
+    });
+    eventually(secs, "pod e2e-1 gone", || {
+        let (found, _) = k.run(&["-n", n, "get", "pod", "e2e-1"]);
+        (!found).then_some(())
+    });
+
+    // Deleting the namespace removes the fleet, finalizers included.
+    k.ok(&["delete", "namespace", n, "--wait=false"]);
+    eventually(secs, "the namespace gone", || {
+        let (found, _) = k.run(&["get", "namespace", n]);
+        (!found).then_some(())
+    });
+}
