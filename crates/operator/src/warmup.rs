@@ -902,6 +902,13 @@ fn summary(
         (Some(lo), Some(hi)) => format!("stages {lo}-{hi} of {n}"),
         _ => "all warm".to_string(),
     };
+    // Between a window's end and its evaluation (a short grace for late reports), the relays
+    // already send in the next window: the figures would mix two windows.
+    let ended = next.is_some_and(|n| n.as_secs() <= 0) && !warming.is_empty();
+    if ended {
+        out.push_str("; window ended, evaluating");
+        return out;
+    }
     let sent: i64 = entries.iter().map(|a| a.sent).sum();
     let limit: i64 = entries.iter().map(|a| a.limit).sum();
     if limit > 0 {
@@ -1083,6 +1090,26 @@ mod tests {
         assert_eq!(a.state, WarmupState::Warm);
         assert_eq!(limit_of(&spec, &a), 0);
         assert_eq!(a.stage, 10);
+    }
+
+    #[test]
+    fn the_summary_never_mixes_two_windows() {
+        let spec = plan(&[100, 200], BreachAction::Hold);
+        let mut a = new_address("p", "192.0.2.1", day(0), WindowCounters::default());
+        a.limit = limit_of(&spec, &a);
+        a.sent = 40;
+        let entries = vec![a];
+        assert_eq!(
+            summary(&spec, &entries, Some(SignedDuration::from_secs(3600))),
+            "stage 1 of 2; window 40/100 sent; next window in 1h00m"
+        );
+        // Past the window's end, before its evaluation: relays already count the next one.
+        for next in [0, -2] {
+            assert_eq!(
+                summary(&spec, &entries, Some(SignedDuration::from_secs(next))),
+                "stage 1 of 2; window ended, evaluating"
+            );
+        }
     }
 
     #[test]
