@@ -212,14 +212,7 @@ fn swaks(server: &str, port: u16, from: &str) -> (bool, String) {
         .args(["--ehlo", "app.e2e.example.test", "--timeout", "30"])
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    common::outcome(&out)
 }
 
 #[test]

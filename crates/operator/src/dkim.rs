@@ -67,6 +67,25 @@ fn generate(
 }
 
 impl KeySet {
+    /// [`KeySet::generate`] on the blocking pool: an RSA-2048 key takes a noticeable moment of
+    /// CPU, which must not hold up the reconcilers sharing the runtime's workers.
+    pub async fn generate_blocking(
+        selector: &str,
+        algorithm: DkimAlgorithm,
+    ) -> Result<KeySet, DkimError> {
+        let selector = selector.to_string();
+        tokio::task::spawn_blocking(move || KeySet::generate(&selector, algorithm))
+            .await
+            .map_err(|e| DkimError::Generate {
+                algorithm: match algorithm {
+                    DkimAlgorithm::Rsa2048 => "rsa2048",
+                    DkimAlgorithm::Ed25519 => "ed25519",
+                    DkimAlgorithm::Dual => "rsa2048 + ed25519",
+                },
+                reason: format!("the key generation task failed: {e}"),
+            })?
+    }
+
     /// New keys for `selector`: RSA-2048 and/or Ed25519 as the algorithm asks.
     pub fn generate(selector: &str, algorithm: DkimAlgorithm) -> Result<KeySet, DkimError> {
         let rsa = matches!(algorithm, DkimAlgorithm::Rsa2048 | DkimAlgorithm::Dual);

@@ -323,7 +323,7 @@ async fn ensure_keys(
         let t = taken(&keys);
         let refs: Vec<&str> = t.iter().map(String::as_str).collect();
         let selector = dkim::selector(prefix, now, &refs);
-        keys.active = Some(KeySet::generate(&selector, algorithm)?);
+        keys.active = Some(KeySet::generate_blocking(&selector, algorithm).await?);
         keys.next = None;
         annotation = None;
         last_rotation = Some(Time(now));
@@ -352,7 +352,7 @@ async fn ensure_keys(
                 let t = taken(&keys);
                 let refs: Vec<&str> = t.iter().map(String::as_str).collect();
                 let selector = dkim::selector(prefix, now, &refs);
-                keys.next = Some(KeySet::generate(&selector, algorithm)?);
+                keys.next = Some(KeySet::generate_blocking(&selector, algorithm).await?);
                 annotation = None;
                 events.push(Note::normal(
                     "RotationStarted",

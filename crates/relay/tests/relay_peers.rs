@@ -29,14 +29,7 @@ fn swaks(relay: SocketAddr, from: &str, to: &str, extra: &[&str]) -> (bool, Stri
         .args(extra)
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    outcome(&out)
 }
 
 async fn wait_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {

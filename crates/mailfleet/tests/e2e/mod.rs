@@ -80,14 +80,7 @@ impl Kubectl {
             .args(args)
             .output()
             .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        crate::common::outcome(&out)
     }
 
     pub fn ok(&self, args: &[&str]) -> String {

@@ -50,6 +50,18 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// A finished command's success and its stdout followed by its stderr.
+pub fn outcome(out: &std::process::Output) -> (bool, String) {
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -329,14 +341,7 @@ pub fn dkim_verify(dir: &Path, keys: &Keys, message: &str) -> (bool, String) {
         .arg(&mf)
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    outcome(&out)
 }
 
 /// A relay configuration for tests: listens on a free port, trusts 127.0.0.1 only, sends
