@@ -840,7 +840,9 @@ pub async fn run(
     // triggers they cause (and bursts of child events) into one reconcile.
     Controller::new(api::<RelayPool>(client, ns), watcher::Config::default())
         .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+            kube::runtime::controller::Config::default()
+                .debounce(Duration::from_millis(500))
+                .concurrency(crate::RECONCILE_CONCURRENCY),
         )
         .owns(api::<StatefulSet>(client, ns), labelled.clone())
         .owns(api::<Secret>(client, ns), labelled.clone())

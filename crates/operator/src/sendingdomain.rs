@@ -1215,7 +1215,10 @@ pub async fn run(
     }
     let client = &ctx.client;
     let ns = namespace.as_deref();
-    let controller = Controller::new(api::<SendingDomain>(client, ns), watcher::Config::default());
+    let controller = Controller::new(api::<SendingDomain>(client, ns), watcher::Config::default())
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(crate::RECONCILE_CONCURRENCY),
+        );
     let store = controller.store();
     let by_secret = store.clone();
     controller

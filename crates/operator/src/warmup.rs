@@ -1016,7 +1016,9 @@ pub async fn run(
     // Pool status changes with every batch of relay reports: debounce them into one pass.
     Controller::new(plans, watcher::Config::default())
         .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+            kube::runtime::controller::Config::default()
+                .debounce(Duration::from_millis(500))
+                .concurrency(crate::RECONCILE_CONCURRENCY),
         )
         .watches(pools, watcher::Config::default(), |pool| {
             let plan = pool.spec.warmup_plan_ref.as_ref()?;
