@@ -419,6 +419,13 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    // The sink checks each message a moment after taking it: let the last checks finish.
+    let checks_due = Instant::now() + Duration::from_secs(5);
+    while sink.auth().checked < sink.counts().values().map(|c| c.accepted).sum::<u64>()
+        && Instant::now() < checks_due
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let counts = sink.counts();
     let from_pool: BTreeMap<IpAddr, sink::SourceCounts> = counts
         .iter()
