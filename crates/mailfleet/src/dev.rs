@@ -142,14 +142,13 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     Ok(out)
 }
 
-/// Writes the run's TSIG key in the format of BIND's `nsupdate -k`, readable by the owner
-/// only.
-fn write_tsig_key_file(path: &Path, secret: &[u8]) -> Result<()> {
+/// Writes the run's TSIG key (`secret_b64`: base64) in the format of BIND's `nsupdate -k`,
+/// readable by the owner only.
+fn write_tsig_key_file(path: &Path, secret_b64: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let text = format!(
-        "key \"{TSIG_KEY}\" {{\n\talgorithm hmac-sha256;\n\tsecret \"{}\";\n}};\n",
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, secret)
+        "key \"{TSIG_KEY}\" {{\n\talgorithm hmac-sha256;\n\tsecret \"{secret_b64}\";\n}};\n"
     );
     let _ = std::fs::remove_file(path);
     std::fs::OpenOptions::new()
@@ -239,7 +238,10 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     zone.add_a("mx.dev.test.", Ipv4Addr::LOCALHOST)?;
     let dns = dns::DnsServer::start(Arc::clone(&zone)).await?;
     let key_file = dir.join("dns-tsig.key");
-    write_tsig_key_file(&key_file, &tsig_secret)?;
+    // As servers configure it: base64, in the key file and in the operator's Secret.
+    let tsig_secret_b64 =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, tsig_secret);
+    write_tsig_key_file(&key_file, &tsig_secret_b64)?;
     let sink = sink::Sink::start(
         sink::Faults {
             defer_percent: args.sink_defer_percent,
@@ -293,7 +295,7 @@ async fn fleet(args: Args, dir: PathBuf, log_path: PathBuf) -> Result<()> {
     );
 
     let (client, listener_port, coordinator) =
-        match setup(&kubeconfig, &dns, &sink, &args.day, &tsig_secret).await {
+        match setup(&kubeconfig, &dns, &sink, &args.day, &tsig_secret_b64).await {
             Ok(c) => c,
             Err(e) => {
                 cluster.shutdown().await;
@@ -505,7 +507,7 @@ async fn setup(
     dns: &dns::DnsServer,
     sink: &sink::Sink,
     day: &str,
-    tsig_secret: &[u8],
+    tsig_secret_b64: &str,
 ) -> Result<(kube::Client, u16, u16)> {
     let kc = Kubeconfig::read_from(kubeconfig).context("failed to read the kubeconfig")?;
     let cc = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
@@ -552,7 +554,7 @@ async fn setup(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": TSIG_SECRET, "namespace": NAMESPACE},
-        "stringData": {"secret": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, tsig_secret)},
+        "stringData": {"secret": tsig_secret_b64},
     });
     secrets
         .patch(TSIG_SECRET, &apply, &Patch::Apply(&secret))

@@ -50,12 +50,11 @@ pub struct AuthCounts {
     pub dmarc_pass: u64,
 }
 
-#[derive(Default)]
 struct Shared {
     counts: Mutex<BTreeMap<IpAddr, SourceCounts>>,
     auth: Mutex<AuthCounts>,
     rng: AtomicU64,
-    authenticator: Option<MessageAuthenticator>,
+    authenticator: MessageAuthenticator,
 }
 
 impl std::fmt::Debug for Shared {
@@ -101,9 +100,10 @@ impl Sink {
             .context("failed to listen for the sink MX")?;
         let addr = listener.local_addr().context("no sink address")?;
         let shared = Arc::new(Shared {
+            counts: Mutex::default(),
+            auth: Mutex::default(),
             rng: AtomicU64::new(super::seed()),
-            authenticator: Some(authenticator),
-            ..Shared::default()
+            authenticator,
         });
         let task = {
             let shared = Arc::clone(&shared);
@@ -141,9 +141,7 @@ impl Sink {
 
 /// DKIM, SPF and DMARC of one message, counted into `shared.auth`.
 async fn check(shared: &Shared, received: Received) {
-    let Some(authenticator) = &shared.authenticator else {
-        return;
-    };
+    let authenticator = &shared.authenticator;
     let mut result = AuthCounts {
         checked: 1,
         ..AuthCounts::default()
