@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{Proc, free_port, repo_root, require};
-use e2e::{Cluster, Kubectl, condition, eventually, operator};
+use e2e::{Cluster, Kubectl, assignment, condition, eventually, operator};
 use serde_json::Value;
 
 /// The cluster under test, and what the suite started for it.
@@ -153,23 +153,6 @@ fn apply_text(
     let mut args = vec!["apply", "-n", ns, "-f", path.to_str().unwrap()];
     args.extend(extra);
     k.run(&args)
-}
-
-/// The pool's address → pod assignment.
-fn assignment(pool: &Value) -> Vec<(String, String)> {
-    pool["status"]["addresses"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|a| {
-                    (
-                        a["address"].as_str().unwrap_or_default().to_string(),
-                        a["pod"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Where the test reaches a relay pod's SMTP listener: its pod IP on devcluster, a
@@ -336,7 +319,7 @@ spec:
     );
     let assigned = assignment(&pool);
     assert_eq!(assigned.len(), 3, "{pool}");
-    let pods: std::collections::BTreeSet<&str> = assigned.iter().map(|(_, p)| p.as_str()).collect();
+    let pods: std::collections::BTreeSet<&str> = assigned.values().map(String::as_str).collect();
     assert_eq!(pods, ["e2e-0", "e2e-1"].into(), "{pool}");
     eventually(secs, "the domain's DKIM keys (DKIMReady)", || {
         let d = k.json(&["-n", n, "get", "sendingdomain", "e2e"]);
@@ -395,7 +378,7 @@ spec:
     eventually(secs, "all three addresses on e2e-0", || {
         let pool = k.json(&["-n", n, "get", "relaypool", "e2e"]);
         let a = assignment(&pool);
-        (a.len() == 3 && a.iter().all(|(_, p)| p == "e2e-0") && condition(&pool, "Ready"))
+        (a.len() == 3 && a.values().all(|p| p == "e2e-0") && condition(&pool, "Ready"))
             .then_some(())
     });
     eventually(secs, "pod e2e-1 gone", || {

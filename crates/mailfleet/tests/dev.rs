@@ -8,8 +8,11 @@
 //! is picked free at run time, so this runs beside other tests.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../relay/tests/common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -37,35 +40,12 @@ fn number(s: &BTreeMap<String, String>, key: &str) -> u64 {
         .unwrap()
 }
 
-/// Runs `nsupdate` (BIND) with `args` and this script; returns whether it succeeded and
-/// its stderr.
-fn nsupdate(args: &[&str], script: &str) -> (bool, String) {
-    let mut child = Command::new("nsupdate")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nsupdate (bind9-dnsutils) must be installed: hack/install-test-deps.sh");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `kdig +short` TXT answers of `name` from the server at 127.0.0.1:`port`.
 fn txt(port: u16, name: &str) -> String {
-    let out = Command::new("kdig")
+    let out = Command::new(common::require("kdig"))
         .args(["@127.0.0.1", "-p", &port.to_string(), "+short", "TXT", name])
         .output()
-        .expect("kdig (knot-dnsutils) must be installed: hack/install-test-deps.sh");
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -77,14 +57,15 @@ fn exercise_dns(dir: &Path, port: u16) {
             "server 127.0.0.1 {port}\nzone dev.test\nupdate add probe.dev.test. 60 TXT \"{text}\"\nsend\n"
         )
     };
-    let (ok, stderr) = nsupdate(&["-k", key_file.to_str().unwrap()], &script("with the key"));
+    let (ok, stderr) =
+        common::nsupdate(&["-k", key_file.to_str().unwrap()], &script("with the key"));
     assert!(ok, "nsupdate with the run's key failed: {stderr}");
     assert_eq!(txt(port, "probe.dev.test"), "\"with the key\"\n");
 
-    let (ok, stderr) = nsupdate(&[], &script("unsigned"));
+    let (ok, stderr) = common::nsupdate(&[], &script("unsigned"));
     assert!(!ok, "an unsigned update was accepted");
     assert!(stderr.contains("REFUSED"), "{stderr}");
-    let (ok, stderr) = nsupdate(
+    let (ok, stderr) = common::nsupdate(
         &[
             "-y",
             "hmac-sha256:mailfleet-dev:b3RoZXIgc2VjcmV0IG9mIDMyIGJ5dGVzIGxlbmd0aCEh",

@@ -17,27 +17,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Knot, Sink, free_port, header, require};
-use e2e::{Cluster, Kubectl, Traces, condition, eventually, operator, pod_ip};
+use e2e::{Cluster, Kubectl, Traces, assignment, condition, eventually, operator, pod_ip};
 use serde_json::Value;
 
 static OTLP_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
 fn otlp_port() -> u16 {
     *OTLP_PORT.get().expect("the OTLP receiver runs")
-}
-
-/// address → pod, from the pool's status; asserts each address is listed once.
-fn assignment(pool: &Value) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for a in pool["status"]["addresses"].as_array().unwrap() {
-        let address = a["address"].as_str().unwrap().to_string();
-        let pod = a["pod"].as_str().unwrap_or_default().to_string();
-        assert!(
-            out.insert(address.clone(), pod).is_none(),
-            "{address} listed twice"
-        );
-    }
-    out
 }
 
 fn settled(k: &Kubectl, replicas: usize) -> Option<Value> {

@@ -166,6 +166,15 @@ fn arrivals(sink: &Sink, to_domain_prefix: &str) -> BTreeMap<String, Vec<f64>> {
     out
 }
 
+/// Waits until exactly `n` messages to recipients starting with `prefix` reached the sink;
+/// returns their arrivals by source address.
+fn all_arrived(sink: &Sink, prefix: &str, n: usize, what: &str) -> BTreeMap<String, Vec<f64>> {
+    eventually(60, what, || {
+        let a = arrivals(sink, prefix);
+        (a.values().map(Vec::len).sum::<usize>() == n).then_some(a)
+    })
+}
+
 /// Reasons and notes of the Events about WarmupPlan `name`.
 fn events(k: &Kubectl, name: &str) -> String {
     let list = k.json(&["-n", "mail", "get", "events.events.k8s.io"]);
@@ -363,10 +372,7 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
         &recipients("listed", 4),
     );
 
-    let listed = eventually(60, "the quarantine pool's 4 messages", || {
-        let a = arrivals(&sink, "listed-");
-        (a.values().map(Vec::len).sum::<usize>() == 4).then_some(a)
-    });
+    let listed = all_arrived(&sink, "listed-", 4, "the quarantine pool's 4 messages");
     assert_eq!(
         listed.keys().collect::<Vec<_>>(),
         ["127.0.7.2"],
@@ -392,10 +398,7 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
         ramp_events.contains("WarmupAdvanced") && ramp_events.contains("WarmupCompleted"),
         "{ramp_events}"
     );
-    let sent = eventually(60, "all 40 ramp messages", || {
-        let a = arrivals(&sink, "ramp-");
-        (a.values().map(Vec::len).sum::<usize>() == 40).then_some(a)
-    });
+    let sent = all_arrived(&sink, "ramp-", 40, "all 40 ramp messages");
     // Caps: counted at the sink per source address, the messages of windows 0..=w never
     // exceed the sum of those windows' limits (at most 4, then at most 8). A message sent at
     // the very end of a window may arrive in the next one, so cumulative sums are what can
@@ -505,10 +508,7 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
         "overflow.example.test",
         &recipients("over", 10),
     );
-    let over = eventually(60, "all 10 overflow messages", || {
-        let a = arrivals(&sink, "over-");
-        (a.values().map(Vec::len).sum::<usize>() == 10).then_some(a)
-    });
+    let over = all_arrived(&sink, "over-", 10, "all 10 overflow messages");
     // 127.0.6.2 may send one message per window: its n-th message (0-based) cannot arrive
     // before its window n.
     let mut from_new = over.get("127.0.6.2").cloned().unwrap_or_default();
@@ -530,14 +530,7 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
     let fbl_relay = relay("fbl");
     let fbl_rcpts = recipients("fbl", 5);
     send(&rt, fbl_relay, "fbl.example.test", &fbl_rcpts);
-    eventually(60, "the 5 fbl messages", || {
-        (arrivals(&sink, "fbl-")
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            == 5)
-            .then_some(())
-    });
+    all_arrived(&sink, "fbl-", 5, "the 5 fbl messages");
     let feedback = SocketAddr::new(fbl_relay.ip(), 9091);
     let report = arf("127.0.8.1", "fbl.example.test", &fbl_rcpts[2]);
     let refused = post(feedback, "/v1/feedback", None, &report);
@@ -594,10 +587,7 @@ fn warmup_ramps_holds_steps_back_overflows_and_quarantines_with_real_relays() {
         "fbl.example.test",
         &recipients("fblwait", 4),
     );
-    let after = eventually(60, "the 4 messages sent after the pause", || {
-        let a = arrivals(&sink, "fblwait-");
-        (a.values().map(Vec::len).sum::<usize>() == 4).then_some(a)
-    });
+    let after = all_arrived(&sink, "fblwait-", 4, "the 4 messages sent after the pause");
     assert_eq!(
         after.keys().collect::<Vec<_>>(),
         ["127.0.8.2"],

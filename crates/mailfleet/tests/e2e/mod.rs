@@ -154,6 +154,20 @@ pub fn condition(pool: &Value, type_: &str) -> bool {
     })
 }
 
+/// address → pod, from the pool's status; asserts each address is listed once.
+pub fn assignment(pool: &Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for a in pool["status"]["addresses"].as_array().unwrap() {
+        let address = a["address"].as_str().unwrap().to_string();
+        let pod = a["pod"].as_str().unwrap_or_default().to_string();
+        assert!(
+            out.insert(address.clone(), pod).is_none(),
+            "{address} listed twice"
+        );
+    }
+    out
+}
+
 pub fn pod_ip(k: &Kubectl, namespace: &str, pod: &str) -> String {
     eventually(30, "a pod IP", || {
         let p = k.json(&["-n", namespace, "get", "pod", pod]);

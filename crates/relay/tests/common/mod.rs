@@ -50,6 +50,30 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs BIND's `nsupdate` with `args`, `script` on its standard input; returns whether it
+/// succeeded, and its stderr.
+pub fn nsupdate(args: &[&str], script: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new(require("nsupdate"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A finished command's success and its stdout followed by its stderr.
 pub fn outcome(out: &std::process::Output) -> (bool, String) {
     (
@@ -223,26 +247,8 @@ impl Knot {
             cmds.push('\n');
         }
         cmds.push_str("send\n");
-        let mut child = Command::new(require("nsupdate"))
-            .args(["-y", TSIG])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(cmds.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "nsupdate failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, stderr) = nsupdate(&["-y", TSIG], &cmds);
+        assert!(ok, "nsupdate failed: {stderr}");
     }
 }
 
