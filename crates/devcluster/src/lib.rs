@@ -6,8 +6,10 @@
 //! running relay pods as local processes. See the crate README for what is and is not
 //! emulated.
 
+pub mod agent;
 pub mod discovery;
 pub mod patch;
+pub mod process;
 pub mod protobuf;
 pub mod resources;
 pub mod runner;

@@ -17,13 +17,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
+
+use crate::process::{
+    self, ContainerRun, ContainerState, NodeInfo, ProcessSpec, Timing, expand, now,
+};
 
 use crate::resources::{GroupResource, ResourceType};
 use crate::selectors::Selectors;
@@ -55,6 +57,20 @@ pub struct RunnerConfig {
     pub first_pod_ip: Ipv4Addr,
 }
 
+/// The node every pod of the emulator runs on.
+const NODE: &str = "devcluster";
+
+impl RunnerConfig {
+    fn timing(&self) -> Timing {
+        Timing {
+            restart_backoff: self.restart_backoff,
+            max_backoff: self.max_backoff,
+            interval: self.interval,
+            max_grace: self.max_grace,
+        }
+    }
+}
+
 impl Default for RunnerConfig {
     fn default() -> Self {
         RunnerConfig {
@@ -79,15 +95,6 @@ pub enum RunnerError {
         /// The refusal.
         #[source]
         source: Box<ApiError>,
-    },
-    /// A process could not start.
-    #[error("failed to start {program}: {source}")]
-    Spawn {
-        /// The program.
-        program: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
     },
 }
 
@@ -115,10 +122,6 @@ fn meta(obj: &Value, field: &str) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-fn now() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 fn is_ready(pod: &Value) -> bool {
@@ -486,14 +489,6 @@ fn pod_from_template(sts: &Value, ordinal: usize, hash: &str) -> Option<Value> {
     Some(json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}))
 }
 
-/// What one container runs as a process.
-#[derive(Debug, Clone)]
-struct ProcessSpec {
-    container: String,
-    program: String,
-    args: Vec<String>,
-}
-
 /// Decide which containers of a pod run as processes.
 fn process_specs(pod: &Value, config: &RunnerConfig) -> Vec<ProcessSpec> {
     let mode = pod["metadata"]["annotations"][RUN_ANNOTATION]
@@ -559,283 +554,84 @@ struct Supervisor {
     kubeconfig: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct ContainerState {
-    name: String,
-    image: String,
-    ready: bool,
-    restarts: u64,
-    /// `running`, `waiting` or `terminated` state object.
-    state: Value,
-    last_state: Value,
-}
-
 impl Supervisor {
-    async fn run(self, pod: Value, mut stop: watch::Receiver<bool>) {
-        let specs = process_specs(&pod, &self.config);
-        let started = now();
-        let images: BTreeMap<String, String> = pod["spec"]["containers"]
-            .as_array()
-            .map(|cs| {
-                cs.iter()
-                    .map(|c| {
-                        (
-                            c["name"].as_str().unwrap_or_default().to_string(),
-                            c["image"].as_str().unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut states: Vec<ContainerState> = images
-            .iter()
-            .map(|(name, image)| ContainerState {
-                name: name.clone(),
-                image: image.clone(),
-                ready: !specs.iter().any(|s| &s.container == name),
-                restarts: 0,
-                state: if specs.iter().any(|s| &s.container == name) {
-                    json!({"waiting": {"reason": "ContainerCreating"}})
-                } else {
-                    json!({"running": {"startedAt": started}})
-                },
-                last_state: json!({}),
-            })
-            .collect();
-        self.write_pod_status(&pod, &states, &started);
-        if specs.is_empty() {
-            let _ = stop.changed().await;
-            return;
-        }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, ContainerState)>(16);
-        let mut tasks = Vec::new();
-        for spec in specs {
-            let container = pod["spec"]["containers"]
-                .as_array()
-                .and_then(|cs| cs.iter().find(|c| c["name"] == json!(spec.container)))
-                .cloned()
-                .unwrap_or(Value::Null);
-            let env = self.env_for(&pod, &container);
-            // The kubelet expands `$(VAR)` in command and args from the container's env.
-            let mut spec = spec;
-            spec.args = spec.args.iter().map(|a| expand(a, &env)).collect();
-            let ctx = ContainerRun {
-                spec,
-                container,
-                env,
-                ip: self.ip,
-                config: self.config.clone(),
-                log: self.dir.join(format!("{}_{}.log", self.ns, self.name)),
-                workdir: self.dir.join(format!("{}_{}", self.ns, self.name)),
-                restart_policy: pod["spec"]["restartPolicy"]
-                    .as_str()
-                    .unwrap_or("Always")
-                    .to_string(),
-                grace: pod["spec"]["terminationGracePeriodSeconds"]
-                    .as_u64()
-                    .map(Duration::from_secs)
-                    .unwrap_or(Duration::from_secs(30)),
-            };
-            tasks.push(tokio::spawn(ctx.run(tx.clone(), stop.clone())));
-        }
-        drop(tx);
-        loop {
-            tokio::select! {
-                update = rx.recv() => match update {
-                    Some((name, state)) => {
-                        if let Some(s) = states.iter_mut().find(|s| s.name == name) {
-                            *s = ContainerState { name: s.name.clone(), image: s.image.clone(), ..state };
-                        }
-                        if !*stop.borrow() {
-                            let current = self.store.get(&self.rt, &self.ns, &self.name);
-                            if let Ok(current) = current {
-                                self.write_pod_status(&current, &states, &started);
-                            }
-                        }
-                    }
-                    None => break,
-                },
-            }
-        }
-        for t in tasks {
-            let _ = t.await;
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: NODE.to_string(),
+            host_ip: Ipv4Addr::LOCALHOST,
         }
     }
 
-    fn env_for(&self, pod: &Value, container: &Value) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = vec![
-            ("POD_IP".into(), self.ip.to_string()),
-            ("POD_NAME".into(), self.name.clone()),
-            ("POD_NAMESPACE".into(), self.ns.clone()),
-            ("DEVCLUSTER_POD_IP".into(), self.ip.to_string()),
-            ("KUBECONFIG".into(), self.kubeconfig.display().to_string()),
-        ];
-        let lookup = |plural: &str, name: &str, key: &str| -> Option<String> {
+    async fn run(self, pod: Value, stop: watch::Receiver<bool>) {
+        let node = Self::node();
+        let objects = |plural: &str, name: &str| -> Option<Value> {
             let rt = self.store.registry().get("", "v1", plural).cloned()?;
-            let obj = self.store.get(&rt, &self.ns, name).ok()?;
-            let v = obj["data"][key].as_str()?.to_string();
-            if plural == "secrets" {
-                use base64::Engine;
-                let bytes = base64::engine::general_purpose::STANDARD.decode(v).ok()?;
-                String::from_utf8(bytes).ok()
-            } else {
-                Some(v)
-            }
+            self.store.get(&rt, &self.ns, name).ok()
         };
-        for from in container["envFrom"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-        {
-            let prefix = from["prefix"].as_str().unwrap_or_default();
-            let (plural, name) = if let Some(n) = from["configMapRef"]["name"].as_str() {
-                ("configmaps", n)
-            } else if let Some(n) = from["secretRef"]["name"].as_str() {
-                ("secrets", n)
-            } else {
-                continue;
-            };
-            let Some(rt) = self.store.registry().get("", "v1", plural).cloned() else {
-                continue;
-            };
-            if let Ok(obj) = self.store.get(&rt, &self.ns, name) {
-                for key in obj["data"]
-                    .as_object()
-                    .map(|m| m.keys().cloned().collect::<Vec<_>>())
-                    .unwrap_or_default()
-                {
-                    if let Some(v) = lookup(plural, name, &key) {
-                        env.push((format!("{prefix}{key}"), v));
-                    }
-                }
-            }
-        }
-        for e in container["env"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-        {
-            let Some(name) = e["name"].as_str() else {
-                continue;
-            };
-            let value = if let Some(v) = e["value"].as_str() {
-                Some(v.to_string())
-            } else if let Some(path) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                Some(match path {
-                    "status.hostIP" => "127.0.0.1".to_string(),
-                    "status.podIP" => self.ip.to_string(),
-                    "status.podIPs" => self.ip.to_string(),
-                    "spec.nodeName" => "devcluster".to_string(),
-                    "spec.serviceAccountName" => pod["spec"]["serviceAccountName"]
+        let runs: Vec<ContainerRun> = process_specs(&pod, &self.config)
+            .into_iter()
+            .map(|spec| {
+                let container = pod["spec"]["containers"]
+                    .as_array()
+                    .and_then(|cs| cs.iter().find(|c| c["name"] == json!(spec.container)))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let base = vec![
+                    ("POD_IP".into(), self.ip.to_string()),
+                    ("POD_NAME".into(), self.name.clone()),
+                    ("POD_NAMESPACE".into(), self.ns.clone()),
+                    ("DEVCLUSTER_POD_IP".into(), self.ip.to_string()),
+                    ("KUBECONFIG".into(), self.kubeconfig.display().to_string()),
+                ];
+                let env = process::container_env(&pod, &container, &node, self.ip, base, &objects);
+                // The kubelet expands `$(VAR)` in command and args from the container's env.
+                let mut spec = spec;
+                spec.args = spec.args.iter().map(|a| expand(a, &env)).collect();
+                ContainerRun {
+                    spec,
+                    container,
+                    env,
+                    ip: self.ip,
+                    timing: self.config.timing(),
+                    log: self.dir.join(format!("{}_{}.log", self.ns, self.name)),
+                    workdir: self.dir.join(format!("{}_{}", self.ns, self.name)),
+                    restart_policy: pod["spec"]["restartPolicy"]
                         .as_str()
-                        .unwrap_or("default")
+                        .unwrap_or("Always")
                         .to_string(),
-                    other => {
-                        if let Some(label) = other
-                            .strip_prefix("metadata.labels['")
-                            .and_then(|l| l.strip_suffix("']"))
-                        {
-                            pod["metadata"]["labels"][label]
-                                .as_str()
-                                .unwrap_or_default()
-                                .to_string()
-                        } else if let Some(ann) = other
-                            .strip_prefix("metadata.annotations['")
-                            .and_then(|l| l.strip_suffix("']"))
-                        {
-                            pod["metadata"]["annotations"][ann]
-                                .as_str()
-                                .unwrap_or_default()
-                                .to_string()
-                        } else {
-                            crate::selectors::field_value(pod, other)
-                        }
-                    }
-                })
-            } else if let Some(r) = e["valueFrom"]["secretKeyRef"].as_object() {
-                lookup(
-                    "secrets",
-                    r.get("name").and_then(Value::as_str).unwrap_or_default(),
-                    r.get("key").and_then(Value::as_str).unwrap_or_default(),
-                )
-            } else if let Some(r) = e["valueFrom"]["configMapKeyRef"].as_object() {
-                lookup(
-                    "configmaps",
-                    r.get("name").and_then(Value::as_str).unwrap_or_default(),
-                    r.get("key").and_then(Value::as_str).unwrap_or_default(),
-                )
-            } else {
-                None
-            };
-            if let Some(v) = value {
-                // `$(VAR)` in a value refers to variables defined before it.
-                let v = expand(&v, &env);
-                env.push((name.to_string(), v));
-            }
-        }
-        env
-    }
-
-    fn write_pod_status(&self, pod: &Value, states: &[ContainerState], started: &str) {
-        let all_ready = states.iter().all(|s| s.ready);
-        let any_running = states.iter().any(|s| s.state.get("running").is_some());
-        let phase = if states
-            .iter()
-            .all(|s| s.state["terminated"]["exitCode"] == json!(0))
-            && !states.is_empty()
-        {
-            "Succeeded"
-        } else if any_running || states.iter().any(|s| s.restarts > 0) {
-            "Running"
-        } else if states.iter().any(|s| s.state.get("terminated").is_some())
-            && pod["spec"]["restartPolicy"] == "Never"
-        {
-            "Failed"
-        } else {
-            "Pending"
-        };
-        let b = |v: bool| if v { "True" } else { "False" };
-        let prev = |t: &str| -> Option<Value> {
-            pod["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .find(|c| c["type"] == t)
-                .cloned()
-        };
-        let cond = |t: &str, v: bool| {
-            let status = b(v);
-            let ltt = prev(t)
-                .filter(|c| c["status"] == status)
-                .and_then(|c| c["lastTransitionTime"].as_str().map(str::to_string))
-                .unwrap_or_else(now);
-            json!({"type": t, "status": status, "lastTransitionTime": ltt})
-        };
-        let statuses: Vec<Value> = states
-            .iter()
-            .map(|s| {
-                json!({
-                    "name": s.name, "image": s.image, "imageID": "", "ready": s.ready,
-                    "restartCount": s.restarts, "started": s.state.get("running").is_some(),
-                    "state": s.state, "lastState": s.last_state,
-                })
+                    grace: pod["spec"]["terminationGracePeriodSeconds"]
+                        .as_u64()
+                        .map(Duration::from_secs)
+                        .unwrap_or(Duration::from_secs(30)),
+                    user: None,
+                }
             })
             .collect();
-        let status = json!({
-            "phase": phase,
-            "hostIP": "127.0.0.1",
-            "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": self.ip.to_string(),
-            "podIPs": [{"ip": self.ip.to_string()}],
-            "startTime": pod["status"]["startTime"].as_str().unwrap_or(started),
-            "qosClass": "BestEffort",
-            "conditions": [
-                cond("PodScheduled", true),
-                cond("Initialized", true),
-                cond("ContainersReady", all_ready),
-                cond("Ready", all_ready),
-            ],
-            "containerStatuses": statuses,
-        });
+        let initial = process::initial_states(&pod, &runs, &BTreeMap::new());
+        let (states_tx, mut states) = watch::channel(Vec::new());
+        let supervisor = tokio::spawn(process::supervise(runs, initial, states_tx, stop.clone()));
+        let started = process::now();
+        // Write the pod's status whenever a container's state changes, until it stops.
+        while states.changed().await.is_ok() {
+            if *stop.borrow() {
+                break;
+            }
+            let snapshot = states.borrow_and_update().clone();
+            if let Ok(current) = self.store.get(&self.rt, &self.ns, &self.name) {
+                self.write_pod_status(&current, &snapshot, &node, &started);
+            }
+        }
+        let _ = supervisor.await;
+    }
+
+    fn write_pod_status(
+        &self,
+        pod: &Value,
+        states: &[ContainerState],
+        node: &NodeInfo,
+        started: &str,
+    ) {
+        let status = process::pod_status(pod, states, node, self.ip, started);
         let opts = WriteOptions {
             subresource: Some("status".into()),
             ..WriteOptions::system("kubelet")
@@ -860,240 +656,11 @@ impl Supervisor {
                 };
                 let mut new = cur.clone();
                 if new["spec"]["nodeName"].is_null() {
-                    new["spec"]["nodeName"] = json!("devcluster");
+                    new["spec"]["nodeName"] = json!(NODE);
                 }
                 Ok(new)
             });
     }
-}
-
-struct ContainerRun {
-    spec: ProcessSpec,
-    container: Value,
-    env: Vec<(String, String)>,
-    ip: Ipv4Addr,
-    config: RunnerConfig,
-    log: PathBuf,
-    workdir: PathBuf,
-    restart_policy: String,
-    grace: Duration,
-}
-
-impl ContainerRun {
-    fn spawn(&self) -> Result<tokio::process::Child, RunnerError> {
-        let err = |source| RunnerError::Spawn {
-            program: self.spec.program.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&self.workdir).map_err(err)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(err)?;
-        let log2 = log.try_clone().map_err(err)?;
-        let mut cmd = tokio::process::Command::new(&self.spec.program);
-        cmd.args(&self.spec.args)
-            .current_dir(&self.workdir)
-            // A pod sees its own env, not the host's; PATH and HOME stay so programs resolve.
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .env("HOME", self.workdir.display().to_string())
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .kill_on_drop(true);
-        cmd.spawn().map_err(err)
-    }
-
-    async fn probe(&self) -> bool {
-        let probe = &self.container["readinessProbe"];
-        let port_of = |p: &Value| -> Option<u16> {
-            match p {
-                Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
-                Value::String(s) => s.parse().ok().or_else(|| {
-                    self.container["ports"]
-                        .as_array()?
-                        .iter()
-                        .find(|cp| cp["name"] == json!(s))?["containerPort"]
-                        .as_u64()
-                        .and_then(|n| u16::try_from(n).ok())
-                }),
-                _ => None,
-            }
-        };
-        let timeout = Duration::from_secs(probe["timeoutSeconds"].as_u64().unwrap_or(1));
-        if probe["httpGet"].is_object() {
-            let Some(port) = port_of(&probe["httpGet"]["port"]) else {
-                return false;
-            };
-            let path = probe["httpGet"]["path"].as_str().unwrap_or("/");
-            return tokio::time::timeout(timeout, http_ok(self.ip, port, path))
-                .await
-                .unwrap_or(false);
-        }
-        if probe["tcpSocket"].is_object() {
-            let Some(port) = port_of(&probe["tcpSocket"]["port"]) else {
-                return false;
-            };
-            return tokio::time::timeout(timeout, tokio::net::TcpStream::connect((self.ip, port)))
-                .await
-                .is_ok_and(|r| r.is_ok());
-        }
-        // No probe (or an exec probe, which is not emulated): ready while running.
-        true
-    }
-
-    async fn run(
-        self,
-        tx: tokio::sync::mpsc::Sender<(String, ContainerState)>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        let mut restarts = 0u64;
-        let mut backoff = self.config.restart_backoff;
-        let mut last_state = json!({});
-        let name = self.spec.container.clone();
-        let send = |state: ContainerState| {
-            let tx = tx.clone();
-            let name = name.clone();
-            async move {
-                let _ = tx.send((name, state)).await;
-            }
-        };
-        let mk = |ready: bool, restarts: u64, state: Value, last: &Value| ContainerState {
-            name: String::new(),
-            image: String::new(),
-            ready,
-            restarts,
-            state,
-            last_state: last.clone(),
-        };
-        loop {
-            if *stop.borrow() {
-                return;
-            }
-            let mut child = match self.spawn() {
-                Ok(c) => c,
-                Err(err) => {
-                    tracing::warn!(%err, "pod process did not start");
-                    send(mk(false, restarts, json!({"waiting": {"reason": "RunContainerError", "message": err.to_string()}}), &last_state)).await;
-                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => return }
-                    backoff = (backoff * 2).min(self.config.max_backoff);
-                    continue;
-                }
-            };
-            let started = now();
-            let running = json!({"running": {"startedAt": started}});
-            let mut ready = false;
-            send(mk(false, restarts, running.clone(), &last_state)).await;
-            let exit = loop {
-                tokio::select! {
-                    status = child.wait() => break status.ok(),
-                    _ = tokio::time::sleep(self.config.interval) => {
-                        let now_ready = self.probe().await;
-                        if now_ready != ready {
-                            ready = now_ready;
-                            send(mk(ready, restarts, running.clone(), &last_state)).await;
-                        }
-                    }
-                    _ = stop.changed() => {
-                        terminate(&mut child, self.grace.min(self.config.max_grace)).await;
-                        return;
-                    }
-                }
-            };
-            let code = exit.and_then(|s| s.code()).unwrap_or(137);
-            last_state = json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }, "startedAt": started, "finishedAt": now()}});
-            let restart = match self.restart_policy.as_str() {
-                "Never" => false,
-                "OnFailure" => code != 0,
-                _ => true,
-            };
-            if !restart {
-                send(mk(false, restarts, last_state.clone(), &json!({}))).await;
-                let _ = stop.changed().await;
-                return;
-            }
-            restarts += 1;
-            send(mk(false, restarts, json!({"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off {}s restarting failed container", backoff.as_secs())}}), &last_state)).await;
-            tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.changed() => return }
-            backoff = (backoff * 2).min(self.config.max_backoff);
-        }
-    }
-}
-
-/// Kubernetes variable expansion: `$(NAME)` becomes the value of an earlier variable,
-/// `$$` an escaped `$`; references to unknown variables stay as written.
-fn expand(text: &str, env: &[(String, String)]) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
-            rest = tail;
-        } else if let Some(inner) = after.strip_prefix('(')
-            && let Some(end) = inner.find(')')
-        {
-            let name = &inner[..end];
-            match env.iter().rev().find(|(k, _)| k == name) {
-                Some((_, v)) => out.push_str(v),
-                None => {
-                    out.push_str("$(");
-                    out.push_str(name);
-                    out.push(')');
-                }
-            }
-            rest = &inner[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-async fn terminate(child: &mut tokio::process::Child, grace: Duration) {
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
-            return;
-        }
-    }
-    let _ = child.kill().await;
-}
-
-async fn http_ok(ip: Ipv4Addr, port: u16, path: &str) -> bool {
-    let Ok(mut stream) = tokio::net::TcpStream::connect((ip, port)).await else {
-        return false;
-    };
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: {ip}:{port}\r\nUser-Agent: devcluster-probe\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    let mut read = 0;
-    while read < 12 {
-        match stream.read(&mut buf[read..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => read += n,
-        }
-    }
-    let line = String::from_utf8_lossy(&buf[..read]);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse::<u16>().ok())
-        .is_some_and(|c| (200..400).contains(&c))
 }
 
 /// The GroupResource of pods, for callers that watch them.
@@ -1101,23 +668,5 @@ pub fn pods_resource() -> GroupResource {
     GroupResource {
         group: String::new(),
         resource: "pods".into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expands_variables_like_the_kubelet() {
-        let env = vec![("POD_IP".to_string(), "127.0.0.2".to_string())];
-        assert_eq!(
-            expand("--listen=$(POD_IP):25", &env),
-            "--listen=127.0.0.2:25"
-        );
-        assert_eq!(
-            expand("$$(POD_IP) $(MISSING) $x", &env),
-            "$(POD_IP) $(MISSING) $x"
-        );
     }
 }

@@ -1,9 +1,10 @@
 //! `mailfleet`: the one binary of the project. Each subcommand is thin wiring around a library
-//! crate: `crdgen` (crates/api), `operator`, `relay`, `devcluster`, and `dev` (all of them on
-//! this machine).
+//! crate: `crdgen` (crates/api), `operator`, `relay`, `devcluster`, `node-agent` (crates/devcluster)
+//! and `dev` (all of them on this machine).
 
 mod dev;
 mod devcluster;
+mod node_agent;
 mod operator;
 mod relay;
 mod telemetry;
@@ -45,6 +46,8 @@ enum Command {
     Relay(relay::Args),
     /// Run the whole fleet on this machine (devcluster, operator, relays, DNS, sink, traffic).
     Dev(dev::Args),
+    /// Run a Node of a real API server whose pods are local processes (for cluster tests).
+    NodeAgent(node_agent::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Operator(args) => operator::run(args),
         Command::Relay(args) => relay::run(args),
         Command::Dev(args) => dev::run(args),
+        Command::NodeAgent(args) => node_agent::run(args),
     }
 }
 

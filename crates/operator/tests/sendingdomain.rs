@@ -85,15 +85,7 @@ impl Knot {
 
     fn start_on(dir: &Path, port: u16, records: &[&str]) -> Knot {
         require("knotd");
-        let script = std::env::var_os("MAILFLEET_SHARED_TOOLS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools"))
-            .join("knot-up.sh");
-        assert!(
-            script.is_file(),
-            "knot-up.sh not found at {}",
-            script.display()
-        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/knot-up.sh");
         let out = Command::new("bash")
             .arg(&script)
             .arg(dir.join("knot"))

@@ -180,7 +180,7 @@ pub fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
 
 pub const TSIG: &str = "hmac-sha256:update-key:c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTEyMzQ=";
 
-/// Knot DNS from ../shared/tools/knot-up.sh, serving example.test with the given records.
+/// Knot DNS from hack/knot-up.sh, serving example.test with the given records.
 pub struct Knot {
     pub port: u16,
     dir: PathBuf,
@@ -193,10 +193,9 @@ impl Drop for Knot {
     }
 }
 
-pub fn shared_tools() -> PathBuf {
-    std::env::var_os("MAILFLEET_SHARED_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/tools"))
+/// The script that starts Knot for the tests (shared with the operator's tests).
+pub fn knot_up_script() -> PathBuf {
+    repo_root().join("hack/knot-up.sh")
 }
 
 impl Knot {
@@ -204,12 +203,7 @@ impl Knot {
     pub fn start(dir: &Path, records: &[&str]) -> Knot {
         require("knotd");
         require("nsupdate");
-        let script = shared_tools().join("knot-up.sh");
-        assert!(
-            script.is_file(),
-            "knot-up.sh not found at {} (set MAILFLEET_SHARED_TOOLS)",
-            script.display()
-        );
+        let script = knot_up_script();
         let port = free_port();
         let kdir = dir.join("knot");
         let out = Command::new("bash")
