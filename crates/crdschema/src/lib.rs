@@ -199,23 +199,52 @@ impl Schema {
                 errors.push(required(key));
             }
         }
-        if !errors.is_empty() {
-            // CEL rules assume a well-typed object; the API server reports schema errors first.
+        // CEL rules assume a well-typed object: after a blocking schema error (wrong type,
+        // missing, unsupported, too long, too many) the API server skips them and says so;
+        // after other schema errors (bounds, patterns) they still run.
+        if errors.iter().any(|e| {
+            matches!(
+                e.reason,
+                FieldErrorReason::NotSupported
+                    | FieldErrorReason::Required
+                    | FieldErrorReason::TooLong
+                    | FieldErrorReason::TooMany
+                    | FieldErrorReason::TypeInvalid
+            )
+        }) {
+            errors.push(FieldError {
+                field: "<nil>".to_owned(),
+                reason: FieldErrorReason::Invalid,
+                message: "<nil>: Invalid value: null: some validation rules were not checked \
+                          because the object was invalid; correct the existing errors to \
+                          complete validation"
+                    .to_owned(),
+            });
             return errors;
         }
         if let Err(cel_errors) = self.validator.validate_compiled(&self.cel, object, old) {
             for e in cel_errors {
+                // A rule of the root object has no path: the API server prints a nil path.
                 let field = if e.field_path.is_empty() {
-                    "<root>".to_owned()
+                    "<nil>".to_owned()
                 } else {
                     e.field_path.clone()
                 };
                 let message = match e.kind {
-                    ErrorKind::ValidationFailure => {
-                        let shown = value_at(object, &field).map(type_word).unwrap_or("object");
+                    // A failed rule shows the value only when it is a scalar (objects and
+                    // lists are omitted), as the API server's CEL validator does.
+                    ErrorKind::ValidationFailure => match value_at(object, &e.field_path) {
+                        Some(v @ (Value::String(_) | Value::Number(_) | Value::Bool(_))) => {
+                            format!("{field}: Invalid value: {v}: {}", e.message)
+                        }
+                        _ => format!("{field}: Invalid value: {}", e.message),
+                    },
+                    _ => {
+                        let shown = value_at(object, &e.field_path)
+                            .map(type_word)
+                            .unwrap_or("object");
                         format!("{field}: Invalid value: \"{shown}\": {}", e.message)
                     }
-                    _ => format!("{field}: Invalid value: \"object\": {}", e.message),
                 };
                 errors.push(FieldError {
                     field,
@@ -884,10 +913,32 @@ mod tests {
         let (_, errs) = admit(json!({"spec": {"name": "small", "replicas": 9}}));
         assert_eq!(
             errs,
-            vec!["spec: Invalid value: \"object\": only big may exceed 5".to_owned()]
+            vec!["spec: Invalid value: only big may exceed 5".to_owned()]
         );
         let (_, errs) = admit(json!({"spec": {"name": "big", "replicas": 9}}));
         assert!(errs.is_empty(), "{errs:?}");
+    }
+
+    #[test]
+    fn cel_rules_run_after_bound_errors_but_not_after_blocking_ones() {
+        // A pattern violation is not blocking: the rule still runs.
+        let (_, errs) = admit(json!({"spec": {"name": "Small", "replicas": 9}}));
+        assert_eq!(
+            errs,
+            vec![
+                "spec.name: Invalid value: \"Small\": spec.name in body should match '^[a-z]+$'"
+                    .to_owned(),
+                "spec: Invalid value: only big may exceed 5".to_owned(),
+            ]
+        );
+        // A wrong type is: the rules are skipped, with the API server's note.
+        let (_, errs) = admit(json!({"spec": {"name": "small", "replicas": "9"}}));
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(
+            errs[1],
+            "<nil>: Invalid value: null: some validation rules were not checked because the \
+             object was invalid; correct the existing errors to complete validation"
+        );
     }
 
     #[test]

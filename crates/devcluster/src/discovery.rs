@@ -156,7 +156,7 @@ pub fn openapi_v3_group(reg: &Registry, group: &str, version: &str) -> Option<Va
     }
     let field_validation = json!({"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}});
     let mut paths = serde_json::Map::new();
-    let mut schemas = serde_json::Map::new();
+    let schemas = crate::openapi::v3_schemas(types.iter().copied());
     let prefix = if group.is_empty() {
         format!("/api/{version}")
     } else {
@@ -164,24 +164,21 @@ pub fn openapi_v3_group(reg: &Registry, group: &str, version: &str) -> Option<Va
     };
     for rt in types {
         let gvk = json!([{"group": rt.group, "version": rt.version, "kind": rt.kind}]);
-        let schema_name = format!(
-            "{}.{}.{}",
-            if rt.group.is_empty() {
-                "core"
-            } else {
-                &rt.group
-            },
-            rt.version,
-            rt.kind
-        );
         let ref_ = if rt.raw_schema.is_some() {
-            json!({"$ref": format!("#/components/schemas/{schema_name}")})
+            json!({"$ref": format!("#/components/schemas/{}", crate::openapi::model_name(rt))})
         } else {
             json!({"type": "object"})
         };
+        // Writes advertise `fieldValidation`; reads and deletes (which kubectl 1.27's
+        // `explain` looks up a resource's kind through) carry only the kind.
         let op = |verb: &str| {
+            let params = if matches!(verb, "post" | "put" | "patch") {
+                json!([field_validation])
+            } else {
+                json!([])
+            };
             json!({
-                "parameters": [field_validation],
+                "parameters": params,
                 "x-kubernetes-action": verb,
                 "x-kubernetes-group-version-kind": gvk[0],
                 "requestBody": {"content": {"application/json": {"schema": ref_}}},
@@ -193,19 +190,25 @@ pub fn openapi_v3_group(reg: &Registry, group: &str, version: &str) -> Option<Va
         } else {
             format!("{prefix}/{}", rt.plural)
         };
-        paths.insert(base.clone(), json!({"post": op("post")}));
+        paths.insert(
+            base.clone(),
+            json!({"get": op("list"), "post": op("post"), "delete": op("deletecollection")}),
+        );
+        // The list over all namespaces: kubectl 1.27's `explain` finds a namespaced kind
+        // only through this path.
+        if rt.namespaced {
+            paths.insert(
+                format!("{prefix}/{}", rt.plural),
+                json!({"get": op("list")}),
+            );
+        }
         paths.insert(
             format!("{base}/{{name}}"),
-            json!({"put": op("put"), "patch": op("patch")}),
+            json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}),
         );
-        // Built-in kinds get no schema: kubectl then computes strategic merge patches from
-        // its compiled-in types, which know the merge keys.
-        if let Some(raw) = &rt.raw_schema {
-            let mut schema = (**raw).clone();
-            schema["x-kubernetes-group-version-kind"] = gvk;
-            schemas.insert(schema_name, schema);
-        }
     }
+    // Built-in kinds get no schema: kubectl then computes strategic merge patches from its
+    // compiled-in types, which know the merge keys.
     Some(json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes (devcluster)", "version": format!("v{MAJOR}.{MINOR}.0")},

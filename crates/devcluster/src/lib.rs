@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod discovery;
+pub mod openapi;
 pub mod patch;
 pub mod process;
 pub mod protobuf;

@@ -276,6 +276,7 @@ fn route(r: &Req, path: &str, state: &Arc<ServerState>) -> Result<Response<Body>
         ["healthz"] | ["readyz"] | ["livez"] => return Ok(Response::new(full("ok"))),
         ["api"] => return ok(discovery::core_versions(&state.server_address)),
         ["apis"] => return ok(discovery::groups(&reg)),
+        ["openapi", "v2"] => return openapi_v2(r, &reg),
         ["openapi", "v3"] => return ok(discovery::openapi_v3_root(&reg)),
         ["openapi", "v3", "api", v] => {
             return discovery::openapi_v3_group(&reg, "", v)
@@ -355,6 +356,23 @@ fn route(r: &Req, path: &str, state: &Arc<ServerState>) -> Result<Response<Body>
         return Err(ApiError::no_route(path));
     }
     resource(r, state, &rt, ns, name, sub)
+}
+
+/// `/openapi/v2` in JSON or protobuf, as `Accept` asks; 406 (empty body) for anything else,
+/// as kube-apiserver answers.
+fn openapi_v2(r: &Req, reg: &crate::resources::Registry) -> Result<Response<Body>, ApiError> {
+    let Some(encoding) = crate::openapi::negotiate(&r.accept) else {
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::NOT_ACCEPTABLE;
+        return Ok(resp);
+    };
+    let (content_type, body) = crate::openapi::encode(reg, &encoding);
+    let mut resp = Response::new(full(body));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    Ok(resp)
 }
 
 fn resource(
@@ -592,23 +610,20 @@ fn patch_request(
         })?;
         return Ok(json_response(if created { 201 } else { 200 }, &obj));
     }
+    // As kube-apiserver words it: custom resources refuse other patch types (strategic merge
+    // included) in their own handler, built-in kinds in the router.
+    let unsupported = || {
+        ApiError::unsupported_media_type(if rt.custom {
+            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+        } else {
+            "415: Unsupported Media Type"
+        })
+    };
     let kind = match ct.as_str() {
         "application/merge-patch+json" => 0,
         "application/json-patch+json" => 1,
-        "application/strategic-merge-patch+json" => {
-            if rt.custom {
-                return Err(ApiError::unsupported_media_type(format!(
-                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (strategic merge patch is not supported for custom resources: {})",
-                    status::qualified(&rt.plural, &rt.group)
-                )));
-            }
-            2
-        }
-        other => {
-            return Err(ApiError::unsupported_media_type(format!(
-                "the body of the request was in an unknown format ({other}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
-            )));
-        }
+        "application/strategic-merge-patch+json" if !rt.custom => 2,
+        _ => return Err(unsupported()),
     };
     let opts = WriteOptions {
         strict: r.strict(),

@@ -14,6 +14,11 @@ use serde_json::{Map, Value, json};
 use crate::resources::ResourceType;
 use crate::status::{ApiError, Cause};
 
+mod fields_v1;
+
+use fields_v1::{Entry, entries_of, has_below, now, with_containers, write_entries};
+pub use fields_v1::{from_fields_v1, to_fields_v1};
+
 /// A path into an object: `f:<field>` and `k:<json key>` elements.
 pub type FieldPath = Vec<String>;
 /// A set of owned paths.
@@ -260,112 +265,6 @@ pub fn path_display(path: &[String]) -> String {
     s
 }
 
-fn insert_path(node: &mut Map<String, Value>, path: &[String], item: bool) {
-    let Some((first, rest)) = path.split_first() else {
-        if item {
-            node.insert(".".into(), json!({}));
-        }
-        return;
-    };
-    let entry = node
-        .entry(first.clone())
-        .or_insert_with(|| Value::Object(Map::new()));
-    if let Value::Object(next) = entry {
-        insert_path(next, rest, item);
-    }
-}
-
-/// Serialize a set to `FieldsV1`.
-pub fn to_fields_v1(set: &FieldSet) -> Value {
-    let mut root = Map::new();
-    for path in set {
-        let item = path.last().is_some_and(|el| el.starts_with("k:"));
-        insert_path(&mut root, path, item);
-    }
-    Value::Object(root)
-}
-
-fn from_fields_v1_into(node: &Value, path: &mut FieldPath, out: &mut FieldSet) {
-    let Some(map) = node.as_object() else {
-        return;
-    };
-    let children: Vec<(&String, &Value)> = map.iter().filter(|(k, _)| *k != ".").collect();
-    if (children.is_empty() || map.contains_key(".")) && !path.is_empty() {
-        out.insert(path.clone());
-    }
-    for (k, v) in children {
-        path.push(k.clone());
-        from_fields_v1_into(v, path, out);
-        path.pop();
-    }
-}
-
-/// Parse `FieldsV1`.
-pub fn from_fields_v1(fields: &Value) -> FieldSet {
-    let mut out = FieldSet::new();
-    from_fields_v1_into(fields, &mut Vec::new(), &mut out);
-    out
-}
-
-/// One `managedFields` entry, parsed.
-#[derive(Debug, Clone)]
-struct Entry {
-    manager: String,
-    operation: String,
-    api_version: String,
-    subresource: String,
-    time: String,
-    set: FieldSet,
-}
-
-fn entries_of(object: Option<&Value>) -> Vec<Entry> {
-    let Some(list) = object.and_then(|o| o["metadata"]["managedFields"].as_array()) else {
-        return Vec::new();
-    };
-    list.iter()
-        .map(|e| Entry {
-            manager: e["manager"].as_str().unwrap_or_default().into(),
-            operation: e["operation"].as_str().unwrap_or("Update").into(),
-            api_version: e["apiVersion"].as_str().unwrap_or_default().into(),
-            subresource: e["subresource"].as_str().unwrap_or_default().into(),
-            time: e["time"].as_str().unwrap_or_default().into(),
-            set: from_fields_v1(&e["fieldsV1"]),
-        })
-        .collect()
-}
-
-fn write_entries(object: &mut Value, entries: Vec<Entry>) {
-    let list: Vec<Value> = entries
-        .into_iter()
-        .filter(|e| !e.set.is_empty())
-        .map(|e| {
-            let mut v = json!({
-                "manager": e.manager,
-                "operation": e.operation,
-                "apiVersion": e.api_version,
-                "time": e.time,
-                "fieldsType": "FieldsV1",
-                "fieldsV1": to_fields_v1(&e.set),
-            });
-            if !e.subresource.is_empty() {
-                v["subresource"] = json!(e.subresource);
-            }
-            v
-        })
-        .collect();
-    if list.is_empty() {
-        if let Some(meta) = object["metadata"].as_object_mut() {
-            meta.remove("managedFields");
-        }
-    } else {
-        object["metadata"]["managedFields"] = Value::Array(list);
-    }
-}
-
-fn now() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
 fn scope_for(rt: &ResourceType, subresource: Option<&str>) -> Scope {
     if subresource == Some("status") {
         Scope::Status
@@ -376,7 +275,8 @@ fn scope_for(rt: &ResourceType, subresource: Option<&str>) -> Scope {
     }
 }
 
-/// Record an `Update` (create, replace or non-apply patch) by `manager` in `new`'s managedFields.
+/// Record an `Update` (create, replace or non-apply patch) by `manager` in `new`'s managedFields,
+/// starting from the entries `new` carries (the live ones, or those the client wrote).
 pub fn record_update(
     rt: &ResourceType,
     old: Option<&Value>,
@@ -385,20 +285,29 @@ pub fn record_update(
     subresource: Option<&str>,
 ) {
     let scope = scope_for(rt, subresource);
-    let new_set = field_set(new, rt, scope);
-    let all_new = field_set(
+    let new_set = with_containers(field_set(new, rt, scope));
+    let all_new = with_containers(field_set(
         new,
         rt,
         Scope::Main {
             status_separate: false,
         },
-    );
+    ));
+    // A leaf is the updater's when its value changed; a map, list or list item only when it
+    // is new (what structured-merge-diff's comparison reports as added).
     let changed: FieldSet = new_set
         .iter()
-        .filter(|p| old.and_then(|o| value_at(o, p)) != value_at(new, p))
+        .filter(|p| {
+            let before = old.and_then(|o| value_at(o, p));
+            if has_below(&new_set, p) {
+                before.is_none()
+            } else {
+                before != value_at(new, p)
+            }
+        })
         .cloned()
         .collect();
-    let mut entries = entries_of(old);
+    let mut entries = entries_of(Some(&*new));
     for e in &mut entries {
         e.set
             .retain(|p| all_new.contains(p) && !changed.contains(p));
@@ -461,6 +370,9 @@ fn merge_into(cur: &mut Value, cfg: &Value, rt: &ResourceType, names: &mut Vec<S
         (cur, cfg) => *cur = cfg.clone(),
     }
 }
+
+/// kubectl's client-side apply annotation.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Server-side apply of `config` by `manager` onto `current` (None: the object does not exist).
 /// Returns the new object with its managedFields, or a 409 listing the conflicts.
@@ -565,9 +477,17 @@ pub fn apply(
                 && e.set.contains(p)
         })
     };
+    // A map or list stays while anything below it is still owned (by this configuration or
+    // by others), as structured-merge-diff adds owned items back after pruning.
+    let still_owned: FieldSet = entries
+        .iter()
+        .filter(|e| !(e.manager == manager && e.operation == "Apply" && e.subresource == sub))
+        .flat_map(|e| e.set.iter().cloned())
+        .chain(new_set.iter().cloned())
+        .collect();
     let mut removed: Vec<FieldPath> = previous
         .iter()
-        .filter(|p| !new_set.contains(*p) && !owned_by_others(p))
+        .filter(|p| !new_set.contains(*p) && !owned_by_others(p) && !has_below(&still_owned, p))
         .cloned()
         .collect();
     // Leaves before the list items that hold them.
@@ -576,17 +496,48 @@ pub fn apply(
         remove_at(&mut result, p);
     }
 
+    // kube-apiserver keeps client-side apply's annotation in step with what kubectl applies
+    // server-side, so that a later client-side apply still computes the right patch.
+    if manager == "kubectl"
+        && result["metadata"]["annotations"][LAST_APPLIED]
+            .as_str()
+            .is_some_and(|a| !a.is_empty())
+    {
+        let mut applied = config.clone();
+        if let Some(annotations) = applied
+            .get_mut("metadata")
+            .and_then(|m| m.get_mut("annotations"))
+            .and_then(Value::as_object_mut)
+        {
+            annotations.remove(LAST_APPLIED);
+        }
+        let text = serde_json::to_string(&applied).unwrap_or_default();
+        result["metadata"]["annotations"][LAST_APPLIED] = json!(format!("{text}\n"));
+    }
+
     for e in &mut entries {
         e.set.retain(|p| !taken.contains(p));
     }
     let api_version = rt.api_version();
+    // An apply that changes nothing but ownership does not stamp a time (kube-apiserver sets
+    // it only when the object changed).
+    let without_fields = |o: &Value| {
+        let mut o = o.clone();
+        if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("managedFields");
+        }
+        o
+    };
+    let changed_object = current.is_none_or(|c| without_fields(c) != without_fields(&result));
     match entries
         .iter_mut()
         .find(|e| e.manager == manager && e.operation == "Apply" && e.subresource == sub)
     {
         Some(e) => {
             e.set = new_set;
-            e.time = now();
+            if changed_object {
+                e.time = now();
+            }
             e.api_version = api_version;
         }
         None => entries.push(Entry {
@@ -594,7 +545,7 @@ pub fn apply(
             operation: "Apply".into(),
             api_version,
             subresource: sub.into(),
-            time: now(),
+            time: if changed_object { now() } else { String::new() },
             set: new_set,
         }),
     }
@@ -676,5 +627,37 @@ mod tests {
             unreachable!()
         };
         assert_eq!(o2["metadata"]["labels"], json!({"keep": "1"}));
+    }
+
+    #[test]
+    fn updates_own_the_maps_they_create_and_kubectl_applies_keep_last_applied() {
+        let rt = deployment();
+        let mut created = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "a", "annotations": {LAST_APPLIED: "{}\n"}},
+            "spec": {"replicas": 1}});
+        record_update(&rt, None, &mut created, "csa", None);
+        let fields = &created["metadata"]["managedFields"][0]["fieldsV1"];
+        assert_eq!(fields["f:spec"], json!({".": {}, "f:replicas": {}}));
+        assert_eq!(fields["f:metadata"]["f:annotations"]["."], json!({}));
+
+        let config = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "a"}, "spec": {"replicas": 1}});
+        let Ok(applied) = apply(&rt, Some(&created), &config, "kubectl", false, None) else {
+            unreachable!()
+        };
+        assert_eq!(
+            applied["metadata"]["annotations"][LAST_APPLIED],
+            json!(format!("{config}\n"))
+        );
+        // Nothing changed for another co-owner: its entry gets no time.
+        let Ok(again) = apply(&rt, Some(&applied), &config, "other", false, None) else {
+            unreachable!()
+        };
+        let entries = again["metadata"]["managedFields"].as_array().cloned();
+        let other = entries
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e["manager"] == "other");
+        assert!(other.is_some_and(|e| e.get("time").is_none()));
     }
 }

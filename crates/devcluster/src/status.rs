@@ -147,14 +147,29 @@ impl ApiError {
             .with_causes(causes)
     }
 
-    /// 422 Invalid with field causes, worded as the API server does.
+    /// 422 Invalid with field causes, worded as the API server does: the message lists each
+    /// cause as `field: body`, while each cause's own `message` is the body alone (clients
+    /// such as kubectl print `field: message`). Causes may come with or without the
+    /// `field: ` prefix.
     pub fn invalid(kind: &str, group: &str, name: &str, causes: Vec<Cause>) -> Self {
         let what = if group.is_empty() {
             kind.to_string()
         } else {
             format!("{kind}.{group}")
         };
-        let list: Vec<String> = causes.iter().map(|c| c.message.clone()).collect();
+        let causes: Vec<Cause> = causes
+            .into_iter()
+            .map(|mut c| {
+                if let Some(body) = c.message.strip_prefix(&format!("{}: ", c.field)) {
+                    c.message = body.to_string();
+                }
+                c
+            })
+            .collect();
+        let list: Vec<String> = causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect();
         let joined = if list.len() == 1 {
             list.join("")
         } else {
@@ -253,4 +268,40 @@ pub fn success_status(name: &str, group: &str, plural: &str, uid: &str) -> Value
         "status": "Success",
         "details": details,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_causes_carry_their_message_without_the_field() {
+        let cause = |field: &str, message: &str| Cause {
+            reason: "FieldValueInvalid".into(),
+            message: message.into(),
+            field: field.into(),
+        };
+        let err = ApiError::invalid(
+            "RelayPool",
+            "mailfleet.dev",
+            "p",
+            vec![
+                cause(
+                    "spec.egress",
+                    "spec.egress: Invalid value: needs an address",
+                ),
+                cause("spec", "Invalid value: too many replicas"),
+            ],
+        );
+        let status = err.to_status();
+        assert_eq!(
+            status["message"],
+            "RelayPool.mailfleet.dev \"p\" is invalid: [spec.egress: Invalid value: needs an \
+             address, spec: Invalid value: too many replicas]"
+        );
+        let causes = &status["details"]["causes"];
+        assert_eq!(causes[0]["message"], "Invalid value: needs an address");
+        assert_eq!(causes[0]["field"], "spec.egress");
+        assert_eq!(causes[1]["message"], "Invalid value: too many replicas");
+    }
 }

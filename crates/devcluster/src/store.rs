@@ -237,6 +237,25 @@ fn without(obj: &Value, drop_top: &[&str], drop_meta: &[&str]) -> Value {
     o
 }
 
+/// managedFields without their times.
+fn ownership(obj: &Value) -> Vec<Value> {
+    obj["metadata"]["managedFields"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|e| {
+                    let mut e = e.clone();
+                    if let Some(m) = e.as_object_mut() {
+                        m.remove("time");
+                    }
+                    e
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn finalizers(obj: &Value) -> Vec<String> {
     obj["metadata"]["finalizers"]
         .as_array()
@@ -699,6 +718,14 @@ impl Store {
             return Err(ApiError::stale(&rt.plural, &rt.group, name));
         }
         let status_write = opts.subresource.as_deref() == Some("status");
+        // A client may rewrite managedFields (kubectl does, to hand client-side apply's
+        // fields over to server-side apply): a non-empty list in a write of the main resource
+        // replaces the live one, as on a real server; an absent or empty one keeps it.
+        let sent_fields = obj["metadata"]["managedFields"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty())
+            && matches!(opts.ownership, Ownership::Update(_))
+            && !status_write;
         let mut new = if status_write {
             // The status subresource changes status only.
             let mut n = old.clone();
@@ -747,7 +774,7 @@ impl Store {
                     }
                 }
             }
-            if !matches!(opts.ownership, Ownership::Applied) {
+            if !matches!(opts.ownership, Ownership::Applied) && !sent_fields {
                 obj["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
                 if obj["metadata"]["managedFields"].is_null()
                     && let Some(m) = obj["metadata"].as_object_mut()
@@ -800,8 +827,11 @@ impl Store {
             Ownership::Applied => {}
         }
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-        let unchanged =
-            without(&old, &[], &["managedFields"]) == without(&new, &[], &["managedFields"]);
+        // A write that changes only who owns what (a server-side apply by a new co-owner,
+        // a client rewriting managedFields) is kept; one that changes only their times is not.
+        let unchanged = without(&old, &[], &["managedFields"])
+            == without(&new, &[], &["managedFields"])
+            && ownership(&old) == ownership(&new);
         if unchanged || opts.dry_run {
             // A no-op write changes nothing, not even the resourceVersion, as on a real server.
             return Ok(if unchanged { old } else { new });
