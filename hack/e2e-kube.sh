@@ -6,7 +6,10 @@
 # ServiceAccount token); then the tests that take a kubeconfig run against it, sharing it.
 # usage: hack/e2e-kube.sh [cargo test args...]      (needs bin/helm, bin/kubectl, Go)
 # env:   MAILFLEET_KUBE_DIR (default target/kube-e2e): the control plane's state and logs,
-#        kept after the run for reading (node agent pods' output in DIR/node/pods/).
+#        kept after the run for reading (node agent pods' output in DIR/node/pods/);
+#        MAILFLEET_KUBE_KEEP=1 keeps the control plane running after the run;
+#        MAILFLEET_POD_CIDR (default 127.77.0.0/16): the pods' loopback addresses (two runs
+#        at once on one machine need two ranges).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -17,8 +20,10 @@ BIN=$ROOT/target/debug/mailfleet
 IMAGE=ghcr.io/mailfleet/mailfleet
 
 [ ! -d "$DIR" ] || bash hack/kube-down --purge "$DIR"
-bash hack/kube-up --dir "$DIR" --node-agent "$BIN" --image "$IMAGE=$BIN" >/dev/null
-trap 'bash hack/kube-down "$DIR"' EXIT
+bash hack/kube-up --dir "$DIR" --node-agent "$BIN" --image "$IMAGE=$BIN" \
+  --pod-cidr "${MAILFLEET_POD_CIDR:-127.77.0.0/16}" >/dev/null
+# MAILFLEET_KUBE_KEEP=1 leaves the control plane running afterwards, to look into.
+[ "${MAILFLEET_KUBE_KEEP:-0}" = 1 ] || trap 'bash hack/kube-down "$DIR"' EXIT
 export KUBECONFIG=$DIR/kubeconfig
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -36,4 +41,9 @@ kubectl -n mailfleet-system get deploy,pods -o wide
 echo "== cluster suite on the real control plane"
 MAILFLEET_E2E_KUBECONFIG=$KUBECONFIG MAILFLEET_E2E_REACH=pod-ip MAILFLEET_KUBE_DIR=$DIR \
   MAILFLEET_E2E_RELEASE=mailfleet MAILFLEET_E2E_RELEASE_NAMESPACE=mailfleet-system \
-  cargo test --locked -p mailfleet --test cluster_e2e "$@"
+  cargo test --locked -p mailfleet --test cluster_e2e --test fleet_e2e --test dnsauth_e2e --test warmup_e2e "$@"
+
+echo "== what only a real control plane shows: kstatus health, RBAC least privilege (audit log)"
+MAILFLEET_E2E_KUBECONFIG=$KUBECONFIG MAILFLEET_KUBE_DIR=$DIR \
+  MAILFLEET_E2E_RELEASE=mailfleet MAILFLEET_E2E_RELEASE_NAMESPACE=mailfleet-system \
+  cargo test --locked -p mailfleet --test real_cluster -- --ignored

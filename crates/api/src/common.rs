@@ -207,6 +207,37 @@ pub fn set_condition(
     }
 }
 
+/// Condition type of every mailfleet resource that kstatus reads (Flux, Argo CD and kapp judge
+/// health with it): True while the operator is still working towards the spec, so GitOps
+/// tools report the object in progress rather than current.
+pub const CONDITION_RECONCILING: &str = "Reconciling";
+
+/// Sets [`CONDITION_RECONCILING`]: False with reason `Reconciled` once `done`, else True with
+/// the reason and message of what is still under way.
+pub fn set_reconciling(
+    conditions: &mut Vec<Condition>,
+    done: bool,
+    reason: &str,
+    message: &str,
+    observed_generation: Option<i64>,
+    now: Time,
+) {
+    let (status, reason) = if done {
+        (ConditionStatus::False, "Reconciled")
+    } else {
+        (ConditionStatus::True, reason)
+    };
+    set_condition(
+        conditions,
+        CONDITION_RECONCILING,
+        status,
+        reason,
+        message,
+        observed_generation,
+        now,
+    );
+}
+
 /// Finds the condition of type `type_`.
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)

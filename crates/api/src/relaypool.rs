@@ -423,7 +423,8 @@ pub struct RelayPoolStatus {
     #[serde(default)]
     pub held: i32,
 
-    /// Standard conditions: `Ready`, `Progressing`, `EgressAssigned`.
+    /// Standard conditions: `Ready`, `Progressing`, `EgressAssigned`, and `Reconciling` (True
+    /// while relays or addresses change; read by kstatus, Flux and Argo CD).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 

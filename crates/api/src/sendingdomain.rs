@@ -398,7 +398,8 @@ pub struct SendingDomainStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Standard conditions: `DKIMReady`, `DNSPublished`, `DNSVerified`, `Ready`.
+    /// Standard conditions: `DKIMReady`, `DNSPublished`, `DNSVerified`, `Ready`, and
+    /// `Reconciling` (True until Ready; read by kstatus, Flux and Argo CD).
     #[serde(default)]
     pub conditions: Vec<Condition>,
 

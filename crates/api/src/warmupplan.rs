@@ -287,7 +287,9 @@ pub struct WarmupPlanStatus {
     /// When the blocklists were last checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_blocklist_check: Option<Time>,
-    /// Standard conditions: `Ready`, and `BlocklistsChecked` when blocklists are configured.
+    /// Standard conditions: `Ready`, `Reconciling` (False once the plan is applied: address
+    /// progress is in status, not a reason for GitOps tools to wait), and `BlocklistsChecked`
+    /// when blocklists are configured.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Per-address progress.

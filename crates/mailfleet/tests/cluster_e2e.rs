@@ -9,6 +9,8 @@
 //! - unset (CI): devcluster, with the CRDs applied from crds/ and `mailfleet operator` as a
 //!   process, which is what the chart would run; relays are reached at their pod IPs.
 //!
+//! (tests/e2e/target.rs sets up either, as for the other end-to-end tests.)
+//!
 //! In a namespace of its own (deleted at the end, whatever happened) it checks: every file of
 //! examples/ passes the API server's validation (server-side dry run), an open relay is
 //! refused with the CRD's message, a pool of two relays with three egress addresses and a
@@ -26,92 +28,12 @@ mod common;
 mod e2e;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use common::{Proc, free_port, repo_root, require};
-use e2e::{Cluster, Kubectl, assignment, condition, eventually, operator};
+use e2e::{Target, assignment, condition, eventually};
 use serde_json::Value;
-
-/// The cluster under test, and what the suite started for it.
-struct Target {
-    k: Kubectl,
-    /// Devcluster and the operator process (None with an external kubeconfig).
-    local: Option<(Cluster, Proc)>,
-    timeout: u64,
-}
-
-impl Target {
-    fn start(root: &Path) -> Target {
-        match std::env::var_os("MAILFLEET_E2E_KUBECONFIG") {
-            Some(path) => {
-                let kubeconfig = PathBuf::from(path);
-                assert!(
-                    kubeconfig.is_file(),
-                    "MAILFLEET_E2E_KUBECONFIG={} is not a file",
-                    kubeconfig.display()
-                );
-                Target {
-                    k: Kubectl {
-                        kubeconfig,
-                        home: root.to_path_buf(),
-                    },
-                    local: None,
-                    timeout: timeout(300),
-                }
-            }
-            None => {
-                let cluster = e2e::cluster(root);
-                let op = operator(
-                    &cluster.dc.kubeconfig,
-                    &root.join("operator.log"),
-                    free_port(),
-                    free_port(),
-                    "cluster-e2e",
-                    None,
-                );
-                Target {
-                    k: Kubectl {
-                        kubeconfig: cluster.dc.kubeconfig.clone(),
-                        home: root.to_path_buf(),
-                    },
-                    local: Some((cluster, op)),
-                    timeout: timeout(120),
-                }
-            }
-        }
-    }
-
-    fn external(&self) -> bool {
-        self.local.is_none()
-    }
-}
-
-fn timeout(default: u64) -> u64 {
-    std::env::var("MAILFLEET_E2E_TIMEOUT")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Deletes the test namespace when the test ends, passed or not (a failed one stays with
-/// `MAILFLEET_E2E_KEEP=1`).
-struct Namespace<'a> {
-    k: &'a Kubectl,
-    name: String,
-}
-
-impl Drop for Namespace<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() && std::env::var("MAILFLEET_E2E_KEEP").is_ok_and(|k| k == "1") {
-            eprintln!("kept namespace {} (MAILFLEET_E2E_KEEP=1)", self.name);
-            return;
-        }
-        let _ = self
-            .k
-            .run(&["delete", "namespace", &self.name, "--wait=false"]);
-    }
-}
 
 /// Every document of examples/*.yaml, without its namespace (the test's is used).
 fn examples_without_namespace() -> String {
@@ -137,22 +59,6 @@ fn examples_without_namespace() -> String {
         }
     }
     out
-}
-
-/// `kubectl apply -f FILE` with `text` written to `root/name`.
-fn apply_text(
-    k: &Kubectl,
-    root: &Path,
-    ns: &str,
-    name: &str,
-    text: &str,
-    extra: &[&str],
-) -> (bool, String) {
-    let path = root.join(name);
-    std::fs::write(&path, text).unwrap();
-    let mut args = vec!["apply", "-n", ns, "-f", path.to_str().unwrap()];
-    args.extend(extra);
-    k.run(&args)
 }
 
 /// Where the test reaches a relay pod's SMTP listener: its pod IP on devcluster, a
@@ -202,19 +108,10 @@ fn swaks(server: &str, port: u16, from: &str) -> (bool, String) {
 fn a_fleet_converges_takes_mail_scales_and_is_removed_on_the_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let t = Target::start(root);
+    // Creates the namespace, and deletes it at the end whatever happened.
+    let t = Target::start(root, "mailfleet-e2e");
     let k = &t.k;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let ns = Namespace {
-        k,
-        name: format!("mailfleet-e2e-{}", nanos % 100_000),
-    };
-    let ns_name = ns.name.clone();
-    let n = ns_name.as_str();
-    k.ok(&["create", "namespace", n]);
+    let n = t.ns.as_str();
     k.ok(&[
         "get",
         "crd",
@@ -224,10 +121,7 @@ fn a_fleet_converges_takes_mail_scales_and_is_removed_on_the_cluster() {
     ]);
 
     // examples/ pass the API server's validation: schema and CEL rules of the CRDs.
-    let (ok, out) = apply_text(
-        k,
-        root,
-        n,
+    let (ok, out) = t.apply_text(
         "examples.yaml",
         &examples_without_namespace(),
         &["--dry-run=server"],
@@ -251,7 +145,7 @@ spec:
   listener:
     allowedNetworks: ["0.0.0.0/0"]
 "#;
-    let (ok, out) = apply_text(k, root, n, "open-relay.yaml", open_relay, &[]);
+    let (ok, out) = t.apply_text("open-relay.yaml", open_relay, &[]);
     assert!(!ok, "the API server accepted an open relay: {out}");
     assert!(out.contains("open relay"), "{out}");
     let (found, _) = k.run(&["-n", n, "get", "relaypool", "open-relay"]);
@@ -303,7 +197,7 @@ spec:
     provider: manual
 "#
     );
-    let (ok, out) = apply_text(k, root, n, "fleet.yaml", &fleet, &[]);
+    let (ok, out) = t.apply_text("fleet.yaml", &fleet, &[]);
     assert!(ok, "{out}");
 
     let secs = t.timeout;

@@ -1,7 +1,7 @@
 //! DNS authentication end to end, checked by implementations independent of mailfleet: on
-//! devcluster, `mailfleet operator` (a process) publishes a SendingDomain's records in Knot
-//! (RFC 2136 with TSIG) and verifies them; a relay (a `mailfleet relay` process) sends mail
-//! to the sink; then hack/dnsauth-verify.py, asking only the Knot server this test started,
+//! devcluster or a real control plane (tests/e2e/target.rs), the operator publishes a
+//! SendingDomain's records in Knot (RFC 2136 with TSIG) and verifies them; a relay (a
+//! `mailfleet relay` process) sends mail to the sink; then hack/dnsauth-verify.py, asking only the Knot server this test started,
 //! verifies the received message's DKIM signatures with dkimpy (public keys from Knot),
 //! evaluates SPF with pyspf for the address the sink saw (pass) and for another one (fail, as
 //! `-all` says), parses the DMARC record and computes DMARC with authheaders (pass). Deleting
@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use common::{Knot, Sink, TSIG, free_port, header, repo_root, require};
-use e2e::{Cluster, condition, eventually, operator, pod_ip};
+use e2e::{Target, condition, eventually, pod_ip};
 use serde_json::Value;
 
 /// The Python with the independent verifiers (hack/requirements-test.txt).
@@ -71,12 +71,14 @@ fn mail_passes_dkim_spf_and_dmarc_checked_against_the_published_zone() {
             "mx.example.test. 60 A 127.0.0.1",
         ],
     );
-    let Cluster { dc, k, rt } = e2e::cluster(root);
+    let t = Target::start(root, "dnsauth-e2e");
+    t.require_pods_on_this_machine();
+    let (k, ns) = (&t.k, t.ns.as_str());
     // The TSIG key Knot accepts updates with (hmac-sha256:update-key:<secret>).
     let tsig_secret = TSIG.rsplit(':').next().unwrap();
     k.ok(&[
         "-n",
-        "mail",
+        ns,
         "create",
         "secret",
         "generic",
@@ -87,14 +89,11 @@ fn mail_passes_dkim_spf_and_dmarc_checked_against_the_published_zone() {
     // The pool starts with no relay: the first relay then starts with the domain's key in its
     // configuration, so the first message is signed without racing the key's arrival.
     let smtp_port = free_port();
-    let coordinator = free_port();
-    let health = free_port();
     let manifests = format!(
         r#"apiVersion: mailfleet.dev/v1alpha1
 kind: RelayPool
 metadata:
   name: transactional
-  namespace: mail
 spec:
   replicas: 0
   egress:
@@ -112,7 +111,6 @@ apiVersion: mailfleet.dev/v1alpha1
 kind: SendingDomain
 metadata:
   name: mail-example-test
-  namespace: mail
 spec:
   domain: mail.example.test
   relayPoolRef:
@@ -135,28 +133,27 @@ spec:
         sink_port = sink.port,
         knot_port = knot.port,
     );
-    let manifest_path = root.join("dnsauth.yaml");
-    std::fs::write(&manifest_path, manifests).unwrap();
-    k.ok(&["apply", "-f", manifest_path.to_str().unwrap()]);
+    t.apply("dnsauth.yaml", &manifests);
+    let log = || t.operator_log();
 
-    let op_log = root.join("operator.log");
-    let _op = operator(&dc.kubeconfig, &op_log, coordinator, health, "op-1", None);
-    let log = || std::fs::read_to_string(&op_log).unwrap_or_default();
-
-    let domain = eventually(120, "the SendingDomain Ready and DNSVerified", || {
-        let d = k.json(&["-n", "mail", "get", "sendingdomain", "mail-example-test"]);
-        (condition(&d, "DNSVerified") && condition(&d, "Ready")).then_some(d)
-    });
+    let domain = eventually(
+        t.secs(120),
+        "the SendingDomain Ready and DNSVerified",
+        || {
+            let d = t.get(&["sendingdomain", "mail-example-test"]);
+            (condition(&d, "DNSVerified") && condition(&d, "Ready")).then_some(d)
+        },
+    );
     let selector = domain["status"]["activeSelector"]
         .as_str()
         .unwrap()
         .to_string();
-    let table = k.ok(&["-n", "mail", "get", "sendingdomains"]);
+    let table = k.ok(&["-n", ns, "get", "sendingdomains"]);
     assert!(table.contains(&selector), "{table}");
 
     k.ok(&[
         "-n",
-        "mail",
+        ns,
         "patch",
         "relaypool",
         "transactional",
@@ -164,11 +161,11 @@ spec:
         "-p",
         r#"{"spec":{"replicas":1}}"#,
     ]);
-    eventually(120, "one ready relay", || {
-        let p = k.json(&["-n", "mail", "get", "relaypool", "transactional"]);
+    eventually(t.secs(120), "one ready relay", || {
+        let p = t.get(&["relaypool", "transactional"]);
         (p["status"]["readyReplicas"].as_u64() == Some(1) && condition(&p, "Ready")).then_some(())
     });
-    let ip = pod_ip(&k, "mail", "transactional-0");
+    let ip = pod_ip(k, ns, "transactional-0");
 
     let out = Command::new(require("swaks"))
         .args(["--server", &ip, "--port", &smtp_port.to_string()])
@@ -192,7 +189,7 @@ spec:
         "swaks: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let msgs = sink.wait_for(1, 60);
+    let msgs = sink.wait_for(1, t.secs(60));
     assert_eq!(msgs.len(), 1, "operator log:\n{}", log());
     let (path, msg) = &msgs[0];
     let path = path.to_str().unwrap();
@@ -282,9 +279,9 @@ spec:
     assert!(!ar.contains("dkim=fail"), "{ar}");
 
     // Without the domain its records are gone: the same message no longer verifies.
-    k.ok(&["-n", "mail", "delete", "sendingdomain", "mail-example-test"]);
-    eventually(60, "the SendingDomain gone", || {
-        let list = k.json(&["-n", "mail", "get", "sendingdomains"]);
+    k.ok(&["-n", ns, "delete", "sendingdomain", "mail-example-test"]);
+    eventually(t.secs(60), "the SendingDomain gone", || {
+        let list = t.get(&["sendingdomains"]);
         list["items"].as_array().unwrap().is_empty().then_some(())
     });
     let gone = verify(knot.port, &["dkim", path]);
@@ -301,6 +298,4 @@ spec:
     let auth = verify(knot.port, &["auth", path, &peer, &mail_from, &helo]);
     let ar = auth["header"].as_str().unwrap();
     assert!(!ar.contains("dmarc=pass"), "{ar}");
-
-    rt.block_on(dc.shutdown());
 }

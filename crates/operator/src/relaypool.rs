@@ -20,7 +20,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use mailfleet_api::common::{ConditionStatus, parse_duration, set_condition};
+use mailfleet_api::common::{ConditionStatus, parse_duration, set_condition, set_reconciling};
 use mailfleet_api::relaypool::{
     AddressState, AddressStatus, CONDITION_EGRESS_ASSIGNED, CONDITION_PROGRESSING, CONDITION_READY,
     RelayPool, RelayPoolStatus,
@@ -755,8 +755,14 @@ async fn apply_pool(pool: &RelayPool, ctx: &Context) -> Result<Action, Reconcile
             "relays and addresses are settled"
         },
         generation,
-        now,
+        now.clone(),
     );
+    let (why, what) = if all_ready {
+        ("RollingOut", "relays or addresses are changing")
+    } else {
+        (reason, message.as_str())
+    };
+    set_reconciling(&mut conditions, !progressing, why, what, generation, now);
     let count = |s: &[AddressState]| {
         i32::try_from(rows.iter().filter(|r| s.contains(&r.state)).count()).unwrap_or(0)
     };

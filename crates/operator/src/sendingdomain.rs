@@ -27,7 +27,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use mailfleet_api::common::{ConditionStatus, parse_duration, set_condition};
+use mailfleet_api::common::{ConditionStatus, parse_duration, set_condition, set_reconciling};
 use mailfleet_api::relaypool::RelayPool;
 use mailfleet_api::sendingdomain::{
     CONDITION_DKIM_READY, CONDITION_DNS_PUBLISHED, CONDITION_DNS_VERIFIED, CONDITION_READY,
@@ -1080,6 +1080,14 @@ async fn apply_domain(cached: &SendingDomain, ctx: &Context) -> Result<Action, R
         (ConditionStatus::False, "NotReady", why.join("; "))
     };
     set(&mut conditions, CONDITION_READY, &ready_condition);
+    set_reconciling(
+        &mut conditions,
+        ready,
+        ready_condition.1,
+        &ready_condition.2,
+        generation,
+        t.clone(),
+    );
 
     let records: Vec<DnsRecordStatus> = desired
         .records

@@ -29,7 +29,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use mailfleet_api::common::{ConditionStatus, parse_duration, set_condition};
+use mailfleet_api::common::{ConditionStatus, parse_duration, set_condition, set_reconciling};
 use mailfleet_api::relaypool::{AddressCounters, AddressState, RelayPool};
 use mailfleet_api::warmupplan::{
     AddressWarmup, BreachAction, CONDITION_READY, OverflowPolicy, WarmupPlan, WarmupPlanSpec,
@@ -788,6 +788,16 @@ async fn evaluate(plan: &WarmupPlan, ctx: &Context) -> Result<Action, WarmupErro
         } else {
             "Applied"
         },
+        &message,
+        generation,
+        Time(now),
+    );
+    // The plan itself is applied at once; its addresses' progress is in status, not a
+    // reason to hold GitOps tools for the weeks a warm-up takes.
+    set_reconciling(
+        &mut conditions,
+        true,
+        "Applied",
         &message,
         generation,
         Time(now),
