@@ -124,9 +124,56 @@ pub fn initial_states(
         .collect()
 }
 
+/// A pod's container processes under supervision: [`Supervised::changed`] gives the states
+/// of all its containers whenever one changes, so that the caller writes the pod's status.
+pub struct Supervised {
+    task: tokio::task::JoinHandle<()>,
+    states: watch::Receiver<Vec<ContainerState>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Supervised {
+    /// Starts the processes (`initial`: the containers' states before they start); they run
+    /// until `stop` turns true.
+    pub fn start(
+        runs: Vec<ContainerRun>,
+        initial: Vec<ContainerState>,
+        stop: watch::Receiver<bool>,
+    ) -> Supervised {
+        let (tx, states) = watch::channel(Vec::new());
+        let task = tokio::spawn(supervise(runs, initial, tx, stop.clone()));
+        Supervised { task, states, stop }
+    }
+
+    /// The containers' states after the next change; None once the pod is stopping.
+    pub async fn changed(&mut self) -> Option<Vec<ContainerState>> {
+        self.states.changed().await.ok()?;
+        if *self.stop.borrow() {
+            return None;
+        }
+        Some(self.states.borrow_and_update().clone())
+    }
+
+    /// Waits until every process has stopped.
+    pub async fn finish(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// The strings of a JSON array (`command`, `args`); anything else gives none.
+pub fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Runs a pod's container processes until `stop` turns true, publishing the states of all its
 /// containers on `states` (starting from `initial`) whenever one changes.
-pub async fn supervise(
+async fn supervise(
     runs: Vec<ContainerRun>,
     initial: Vec<ContainerState>,
     states: watch::Sender<Vec<ContainerState>>,

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::process::{
-    self, ContainerRun, ContainerState, NodeInfo, ProcessSpec, Timing, expand, now,
+    self, ContainerRun, ContainerState, NodeInfo, ProcessSpec, Timing, expand, now, strings,
 };
 
 use crate::resources::{GroupResource, ResourceType};
@@ -497,15 +497,6 @@ fn process_specs(pod: &Value, config: &RunnerConfig) -> Vec<ProcessSpec> {
     if mode == "none" {
         return Vec::new();
     }
-    let strings = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let mut out = Vec::new();
     for c in pod["spec"]["containers"]
         .as_array()
@@ -608,20 +599,15 @@ impl Supervisor {
             })
             .collect();
         let initial = process::initial_states(&pod, &runs, &BTreeMap::new());
-        let (states_tx, mut states) = watch::channel(Vec::new());
-        let supervisor = tokio::spawn(process::supervise(runs, initial, states_tx, stop.clone()));
         let started = process::now();
         // Write the pod's status whenever a container's state changes, until it stops.
-        while states.changed().await.is_ok() {
-            if *stop.borrow() {
-                break;
-            }
-            let snapshot = states.borrow_and_update().clone();
+        let mut processes = process::Supervised::start(runs, initial, stop);
+        while let Some(states) = processes.changed().await {
             if let Ok(current) = self.store.get(&self.rt, &self.ns, &self.name) {
-                self.write_pod_status(&current, &snapshot, &node, &started);
+                self.write_pod_status(&current, &states, &node, &started);
             }
         }
-        let _ = supervisor.await;
+        processes.finish().await;
     }
 
     fn write_pod_status(

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::volumes::{self, PodVolumes, SERVICE_ACCOUNT_MOUNT};
 use super::{AgentConfig, AgentError, image_repository};
-use crate::process::{self, ContainerRun, ContainerState, NodeInfo, ProcessSpec, expand};
+use crate::process::{self, ContainerRun, ContainerState, NodeInfo, ProcessSpec, expand, strings};
 
 /// How often the agent looks at its pods even without a change.
 const RESYNC: Duration = Duration::from_secs(2);
@@ -314,17 +314,12 @@ impl PodRun {
             runs.push(self.container_run(container, &program.program, pod_dir, volumes, &lookup));
         }
         let initial = process::initial_states(&self.pod, &runs, &refused);
-        let (tx, mut states) = watch::channel(Vec::new());
-        let supervisor = tokio::spawn(process::supervise(runs, initial, tx, stop.clone()));
         let started = process::now();
-        while states.changed().await.is_ok() {
-            if *stop.borrow() {
-                break;
-            }
-            let snapshot = states.borrow_and_update().clone();
-            self.write_status(&snapshot, &started).await;
+        let mut processes = process::Supervised::start(runs, initial, stop);
+        while let Some(states) = processes.changed().await {
+            self.write_status(&states, &started).await;
         }
-        let _ = supervisor.await;
+        processes.finish().await;
     }
 
     fn container_run(
@@ -335,15 +330,6 @@ impl PodRun {
         volumes: &PodVolumes,
         lookup: &dyn Fn(&str, &str) -> Option<Value>,
     ) -> ContainerRun {
-        let strings = |v: &Value| -> Vec<String> {
-            v.as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
         let mounts = volumes::container_mounts(container, volumes);
         // Values from the pod spec name paths inside the container; the agent's own (the
         // kubeconfig) are paths of this machine already.

@@ -205,6 +205,34 @@ async fn persistent_volume_dir(
         })
 }
 
+/// Writes the files of one source into `dir`: a Secret's or a ConfigMap's keys, or downward
+/// API items. The Secret's name is `secretName` in a volume and `name` in a projection.
+/// False when `source` is none of these.
+async fn write_files(
+    client: &kube::Client,
+    pod: &Value,
+    dir: &Path,
+    source: &Value,
+    secret_name: &str,
+) -> Result<bool, AgentError> {
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let optional = |v: &Value| v["optional"].as_bool().unwrap_or(false);
+    if let Some(s) = source.get("secret") {
+        let name = s[secret_name].as_str().unwrap_or_default();
+        let data = secret_data(client, ns, name, optional(s)).await?;
+        write_keys(dir, &data, &s["items"])?;
+    } else if let Some(c) = source.get("configMap") {
+        let name = c["name"].as_str().unwrap_or_default();
+        let data = config_map_data(client, ns, name, optional(c)).await?;
+        write_keys(dir, &data, &c["items"])?;
+    } else if let Some(d) = source.get("downwardAPI") {
+        downward_items(dir, pod, &d["items"])?;
+    } else {
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Materialises every volume of `pod` under `pod_dir/volumes/`.
 pub async fn prepare(
     client: &kube::Client,
@@ -221,7 +249,6 @@ pub async fn prepare(
     {
         let name = volume["name"].as_str().unwrap_or_default();
         let dir = pod_dir.join("volumes").join(name);
-        let optional = |v: &Value| v["optional"].as_bool().unwrap_or(false);
         if let Some(claim) = volume["persistentVolumeClaim"]["claimName"].as_str() {
             out.dirs.insert(
                 name.to_string(),
@@ -234,27 +261,7 @@ pub async fn prepare(
             continue;
         }
         std::fs::create_dir_all(&dir).map_err(AgentError::io(&dir))?;
-        if let Some(s) = volume.get("secret") {
-            let data = secret_data(
-                client,
-                ns,
-                s["secretName"].as_str().unwrap_or_default(),
-                optional(s),
-            )
-            .await?;
-            write_keys(&dir, &data, &s["items"])?;
-        } else if let Some(c) = volume.get("configMap") {
-            let data = config_map_data(
-                client,
-                ns,
-                c["name"].as_str().unwrap_or_default(),
-                optional(c),
-            )
-            .await?;
-            write_keys(&dir, &data, &c["items"])?;
-        } else if let Some(d) = volume.get("downwardAPI") {
-            downward_items(&dir, pod, &d["items"])?;
-        } else if let Some(p) = volume.get("projected") {
+        if let Some(p) = volume.get("projected") {
             for source in p["sources"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
                 if let Some(t) = source.get("serviceAccountToken") {
                     let token = service_account_token(client, pod, t).await?;
@@ -265,29 +272,13 @@ pub async fn prepare(
                     let kubeconfig = pod_dir.join("kubeconfig");
                     write(&kubeconfig, pod_kubeconfig(config, ns, &dir).as_bytes())?;
                     out.kubeconfig = Some(kubeconfig);
-                } else if let Some(c) = source.get("configMap") {
-                    let data = config_map_data(
-                        client,
-                        ns,
-                        c["name"].as_str().unwrap_or_default(),
-                        optional(c),
-                    )
-                    .await?;
-                    write_keys(&dir, &data, &c["items"])?;
-                } else if let Some(s) = source.get("secret") {
-                    let data = secret_data(
-                        client,
-                        ns,
-                        s["name"].as_str().unwrap_or_default(),
-                        optional(s),
-                    )
-                    .await?;
-                    write_keys(&dir, &data, &s["items"])?;
-                } else if let Some(d) = source.get("downwardAPI") {
-                    downward_items(&dir, pod, &d["items"])?;
+                } else {
+                    write_files(client, pod, &dir, source, "name").await?;
                 }
             }
-        } else if volume.get("emptyDir").is_none() {
+        } else if !write_files(client, pod, &dir, volume, "secretName").await?
+            && volume.get("emptyDir").is_none()
+        {
             tracing::warn!(
                 volume = name,
                 "volume kind not supported by the node agent; an empty directory stands in"
