@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use common::{Proc, free_port, repo_root, require};
-use e2e::{Target, assignment, condition, eventually};
+use e2e::{Target, assignment, condition, eventually, example_plan};
 use serde_json::Value;
 
 /// Every document of examples/*.yaml, without its namespace (the test's is used).
@@ -153,9 +153,7 @@ spec:
 
     // A fleet: the example plan, two relays with three TEST-NET egress addresses, a domain.
     let port = if t.external() { 2525 } else { free_port() };
-    let plan = std::fs::read_to_string(repo_root().join("examples/warmupplan.yaml"))
-        .unwrap()
-        .replace("  namespace: mail\n", "");
+    let plan = example_plan();
     let fleet = format!(
         r#"{plan}
 ---

@@ -15,8 +15,8 @@ mod e2e;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{Knot, Sink, TSIG, free_port, header, repo_root, require};
-use e2e::{Target, condition, eventually, pod_ip};
+use common::{Knot, Sink, free_port, header, repo_root, require};
+use e2e::{Target, condition, create_tsig_secret, eventually, pod_ip};
 use serde_json::Value;
 
 /// The Python with the independent verifiers (hack/requirements-test.txt).
@@ -74,17 +74,7 @@ fn mail_passes_dkim_spf_and_dmarc_checked_against_the_published_zone() {
     let t = Target::start(root, "dnsauth-e2e");
     t.require_pods_on_this_machine();
     let (k, ns) = (&t.k, t.ns.as_str());
-    // The TSIG key Knot accepts updates with (hmac-sha256:update-key:<secret>).
-    let tsig_secret = TSIG.rsplit(':').next().unwrap();
-    k.ok(&[
-        "-n",
-        ns,
-        "create",
-        "secret",
-        "generic",
-        "dns-tsig",
-        &format!("--from-literal=secret={tsig_secret}"),
-    ]);
+    create_tsig_secret(k, ns);
 
     // The pool starts with no relay: the first relay then starts with the domain's key in its
     // configuration, so the first message is signed without racing the key's arrival.

@@ -26,8 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Knot, TSIG, free_port, repo_root};
-use e2e::{Kubectl, condition, eventually};
+use common::{Knot, free_port, repo_root};
+use e2e::{Kubectl, condition, create_tsig_secret, eventually, example_plan};
 use serde_json::Value;
 
 fn env(name: &str) -> String {
@@ -103,19 +103,8 @@ fn all_current(rows: &[(String, String, String)]) -> bool {
 
 fn gitops_health(k: &Kubectl, root: &std::path::Path, ns: &str, release_ns: &str) {
     let knot = Knot::start(root, &[]);
-    let tsig_secret = TSIG.rsplit(':').next().unwrap();
-    k.ok(&[
-        "-n",
-        ns,
-        "create",
-        "secret",
-        "generic",
-        "dns-tsig",
-        &format!("--from-literal=secret={tsig_secret}"),
-    ]);
-    let plan = std::fs::read_to_string(repo_root().join("examples/warmupplan.yaml"))
-        .unwrap()
-        .replace("  namespace: mail\n", "");
+    create_tsig_secret(k, ns);
+    let plan = example_plan();
     let fleet = format!(
         r#"{plan}
 ---

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{repo_root, require};
+use crate::common::{TSIG, repo_root, require};
 
 pub fn kubectl_bin() -> PathBuf {
     std::env::var_os("KUBECTL")
@@ -104,4 +104,26 @@ pub fn pod_ip(k: &Kubectl, namespace: &str, pod: &str) -> String {
         let p = k.json(&["-n", namespace, "get", "pod", pod]);
         p["status"]["podIP"].as_str().map(str::to_string)
     })
+}
+
+/// examples/warmupplan.yaml without its namespace, to apply in a test's own namespace.
+pub fn example_plan() -> String {
+    std::fs::read_to_string(repo_root().join("examples/warmupplan.yaml"))
+        .unwrap()
+        .replace("  namespace: mail\n", "")
+}
+
+/// The Secret `dns-tsig` in `ns` with the TSIG secret Knot accepts updates with
+/// (hmac-sha256:update-key:<secret>), for SendingDomains publishing into Knot.
+pub fn create_tsig_secret(k: &Kubectl, ns: &str) {
+    let secret = TSIG.rsplit(':').next().unwrap();
+    k.ok(&[
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "generic",
+        "dns-tsig",
+        &format!("--from-literal=secret={secret}"),
+    ]);
 }
